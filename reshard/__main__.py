@@ -1,0 +1,86 @@
+"""reshard: convert and reshard LLM checkpoints on the cluster that trains them.
+
+One entry point for a single process and for torchrun / srun (the rank environment is read
+in ``reshard/dist.py``)::
+
+    python -m reshard source.path=ckpt/hf target.path=ckpt/mcore parallel.target_tp=2
+    torchrun --nproc-per-node 8 -m reshard +model=llama2_7b parallel.target_tp=8
+    python -m reshard --multirun +model=llama3_8b parallel.target_tp=1,2,4,8
+
+Under torchrun every rank composes the same config; only rank 0 writes Hydra's output files
+and logs to the console, the other ranks log to ``${paths.log_dir}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from . import config
+from .dist import detect_env
+from .errors import ReshardError
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "conf")
+log = logging.getLogger("reshard")
+_failures = []
+
+
+def _quiet_rank_overrides(rank: int):
+    """Overrides that keep ranks > 0 from writing Hydra's output files or logging to the console."""
+    if rank == 0:
+        return []
+    return ["hydra/job_logging=none", "hydra/hydra_logging=none", "hydra.output_subdir=null",
+            "hydra.run.dir=.", "hydra.sweep.dir=.", "hydra.sweep.subdir=."]
+
+
+def _rank_logging(cfg: DictConfig, rank: int) -> None:
+    level = getattr(logging, str(cfg.log_level).upper(), logging.INFO)
+    logging.getLogger("reshard").setLevel(level)
+    if rank == 0:
+        return
+    os.makedirs(cfg.paths.log_dir, exist_ok=True)
+    name = os.path.basename(os.path.normpath(str(cfg.target.path)))
+    handler = logging.FileHandler(os.path.join(cfg.paths.log_dir, f"{name}.rank{rank}.log"))
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def job(cfg: DictConfig) -> None:
+    from .run import convert
+
+    rank = detect_env().rank
+    _rank_logging(cfg, rank)
+    try:
+        config.validate(cfg)
+        convert(cfg)
+    except ReshardError as e:
+        _failures.append(str(cfg.target.path))
+        log.error("%s: %s", type(e).__name__, e)
+
+
+def main() -> int:
+    config.register()
+    rank = detect_env().rank
+    sys.argv += _quiet_rank_overrides(rank)
+    hydra.main(version_base="1.3", config_path=os.path.abspath(CONF_DIR), config_name="config")(job)()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if _failures:
+        if rank == 0 and len(_failures) > 1:
+            log.error("%d job(s) failed: %s", len(_failures), ", ".join(_failures))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Structured configs: one dataclass schema per group, registered in Hydra's ConfigStore.
+
+YAML files in ``conf/`` extend these schemas (``conf/model/*.yaml`` starts from
+``model/schema``), so a typo in an override is an error, not a silently ignored key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from .errors import ConfigError
+
+SOURCE_FORMATS = ("auto", "hf")
+TARGET_FORMATS = ("torch_dist",)
+PLANNED_TARGET_FORMATS = ("megatron_legacy", "hf", "meta")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class PathsConfig:
+    root: str = "${oc.env:RESHARD_ROOT,checkpoints}"
+    # per-rank logs of ranks > 0 (rank 0 logs to the console and Hydra's output dir)
+    log_dir: str = "${paths.root}/logs"
+
+
+@dataclass
+class SourceConfig:
+    path: str = "${paths.root}/${model_dir:${model.name}}/hf"
+    format: str = "auto"
+
+
+@dataclass
+class TargetConfig:
+    path: str = ("${paths.root}/${model_dir:${model.name}}/${target.format}"
+                 "_tp${parallel.target_tp}_pp${parallel.target_pp}"
+                 "${layout_suffix:${parallel.target_vpp},${parallel.target_ep}}")
+    format: str = "torch_dist"
+    dtype: Optional[str] = None  # null keeps the source dtype
+    iteration: Optional[int] = None  # null writes release/, an int writes iter_XXXXXXX/
+    transformer_impl: str = "transformer_engine"  # or "local" (module names in legacy files)
+
+
+@dataclass
+class ParallelConfig:
+    target_tp: int = 1
+    target_pp: int = 1
+    target_vpp: Optional[int] = None
+    target_ep: int = 1
+    target_etp: Optional[int] = None
+    target_first_stage_layers: Optional[int] = None
+    target_last_stage_layers: Optional[int] = None
+    make_vocab_size_divisible_by: int = 128
+
+
+@dataclass
+class IOConfig:
+    buffer_mb: int = 512  # exchange budget per rank and round
+    max_piece_mb: Optional[int] = None  # default: min(buffer/2, source/(8 N))
+    assign: str = "auto"  # auto: the reader writes what it reads where the format allows; layout: mirror the target layout
+    fsync: bool = True
+    progress: str = "auto"  # auto | bar | log | none
+
+
+@dataclass
+class ModelConfig:
+    """A preset (``+model=<name>``). All null when no preset is chosen."""
+
+    name: Optional[str] = None
+    model_type: Optional[str] = None
+    num_layers: Optional[int] = None
+    hidden_size: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_query_groups: Optional[int] = None
+    head_dim: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None
+    vocab_size: Optional[int] = None
+    norm_eps: Optional[float] = None
+    rope_theta: Optional[float] = None
+    rope_scaling: Optional[Dict[str, Any]] = None
+    max_position_embeddings: Optional[int] = None
+    tie_word_embeddings: Optional[bool] = None
+    qkv_bias: Optional[bool] = None
+    sliding_window: Optional[int] = None
+    dtype: Optional[str] = None
+
+
+@dataclass
+class ReshardConfig:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    io: IOConfig = field(default_factory=IOConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    overwrite: bool = False
+    device: str = "cpu"  # cpu (gloo) or cuda (NCCL)
+    log_level: str = "INFO"
+
+
+def _model_dir(name: Optional[str]) -> str:
+    return "UNSET_MODEL" if name in (None, "None") else str(name)
+
+
+def _layout_suffix(vpp, ep) -> str:
+    out = ""
+    if vpp not in (None, "None"):
+        out += f"_vpp{vpp}"
+    if ep not in (None, "None", 1, "1"):
+        out += f"_ep{ep}"
+    return out
+
+
+def register() -> None:
+    for name, fn in (("model_dir", _model_dir), ("layout_suffix", _layout_suffix)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+    cs = ConfigStore.instance()
+    cs.store(name="reshard_schema", node=ReshardConfig)
+    cs.store(group="model", name="schema", node=ModelConfig)
+    cs.store(group="parallel", name="schema", node=ParallelConfig)
+
+
+def validate(cfg) -> None:
+    """Check what a schema cannot, all at once, naming the fields."""
+    problems = []
+    if "UNSET_MODEL" in str(cfg.source.path):
+        problems.append("source.path is not set: pass source.path=<checkpoint dir>, or pick a preset "
+                        "(+model=<name>) to use the conventional ${paths.root}/<model>/hf")
+    if cfg.source.format not in SOURCE_FORMATS:
+        problems.append(f"source.format={cfg.source.format!r}: supported {list(SOURCE_FORMATS)}")
+    if cfg.target.format not in TARGET_FORMATS:
+        later = " (planned, not in this version)" if cfg.target.format in PLANNED_TARGET_FORMATS else ""
+        problems.append(f"target.format={cfg.target.format!r}{later}: supported {list(TARGET_FORMATS)}")
+    if cfg.target.dtype is not None and cfg.target.dtype not in DTYPES:
+        problems.append(f"target.dtype={cfg.target.dtype!r}: use one of {list(DTYPES)} or null")
+    if cfg.target.transformer_impl not in ("transformer_engine", "local"):
+        problems.append("target.transformer_impl must be 'transformer_engine' or 'local'")
+    if cfg.io.assign not in ("auto", "layout"):
+        problems.append(f"io.assign={cfg.io.assign!r}: use auto or layout")
+    if cfg.io.buffer_mb < 1:
+        problems.append("io.buffer_mb must be >= 1")
+    if cfg.io.progress not in ("auto", "bar", "log", "none"):
+        problems.append("io.progress must be auto, bar, log or none")
+    if cfg.device not in ("cpu", "cuda"):
+        problems.append(f"device={cfg.device!r}: use cpu or cuda")
+    if cfg.parallel.target_ep != 1 or cfg.parallel.target_etp not in (None, cfg.parallel.target_tp):
+        problems.append("parallel.target_ep/target_etp apply to mixture-of-experts models, which this version "
+                        "does not convert yet; leave them at 1/null")
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

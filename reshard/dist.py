@@ -1,0 +1,120 @@
+"""Process-group set-up and the rank environment, in one place.
+
+Works the same for ``python -m reshard`` (one process), ``torchrun`` (``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``) and ``srun`` without torchrun
+(``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``, master from the node list).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+from .errors import PeerError
+
+
+@dataclass(frozen=True)
+class RankEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: Optional[str]
+    master_port: Optional[int]
+    launcher: str  # "torchrun" | "slurm" | "single"
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a Slurm node list: ``node[03-05,9],gpu1`` -> ``node03``."""
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        return nodelist
+    prefix, _, ranges = m.groups()
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def detect_env(environ: Mapping[str, str] = os.environ) -> RankEnv:
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return RankEnv(int(environ["RANK"]), int(environ["WORLD_SIZE"]),
+                       int(environ.get("LOCAL_RANK", 0)), environ.get("MASTER_ADDR"),
+                       int(environ["MASTER_PORT"]) if environ.get("MASTER_PORT") else None, "torchrun")
+    if "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
+        nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "localhost"
+        job = int(environ.get("SLURM_JOB_ID", "0") or 0)
+        return RankEnv(int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"]),
+                       int(environ.get("SLURM_LOCALID", 0)),
+                       environ.get("MASTER_ADDR") or first_slurm_host(nodes),
+                       int(environ.get("MASTER_PORT") or 20000 + job % 20000), "slurm")
+    return RankEnv(0, 1, 0, None, None, "single")
+
+
+def init(device: str = "cpu", timeout_s: int = 1800) -> RankEnv:
+    """Initialise the default process group once (multirun jobs reuse it)."""
+    env = detect_env()
+    if dist.is_initialized():
+        return env
+    backend = "nccl" if device == "cuda" else "gloo"
+    if device == "cuda":
+        torch.cuda.set_device(env.local_rank)
+    if env.launcher == "single":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        init_method = f"tcp://127.0.0.1:{port}"
+    elif env.launcher == "slurm":
+        init_method = f"tcp://{env.master_addr}:{env.master_port}"
+    else:
+        init_method = "env://"
+    dist.init_process_group(backend, init_method=init_method, rank=env.rank, world_size=env.world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return env
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def agree(ok: bool, what: str) -> None:
+    """Collective error check: every rank learns whether any rank failed ``what``.
+
+    A rank that failed re-raises its own exception; the others raise :class:`PeerError`,
+    so no rank is left waiting in a collective that will never come.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=dev)
+    bad = [torch.zeros(1, dtype=torch.int32, device=dev) for _ in range(dist.get_world_size())]
+    dist.all_gather(bad, flag)
+    failed = [r for r, b in enumerate(bad) if int(b)]
+    if failed and ok:
+        raise PeerError(f"{what} failed on rank(s) {failed}; see that rank's log for the cause")
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj):
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

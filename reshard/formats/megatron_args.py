@@ -1,0 +1,90 @@
+"""The Megatron ``args`` namespace and common state written with every Megatron checkpoint.
+
+Only plain Python values, ``argparse.Namespace`` and torch dtypes go in, so
+``torch.load(weights_only=True)`` (with Megatron's safe globals) accepts it and no Megatron
+class is needed to write it. The real rope settings and the padded vocab are written - not
+``rotary_base=10000`` regardless, as Megatron's own converter did.
+"""
+
+from __future__ import annotations
+
+from argparse import Namespace
+from typing import Optional
+
+import torch
+
+from ..layout import Layout
+from ..spec import ModelSpec
+
+CHECKPOINT_VERSION = 3.0
+
+
+def make_args(spec: ModelSpec, layout: Layout, dtype: torch.dtype, ckpt_format: str,
+              transformer_impl: str = "transformer_engine", iteration: Optional[int] = None) -> Namespace:
+    rs = dict(spec.rope_scaling or {})
+    llama3_scaling = rs.get("rope_type") == "llama3"
+    return Namespace(
+        # architecture
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        ffn_hidden_size=spec.ffn_hidden_size,
+        num_attention_heads=spec.num_attention_heads,
+        num_query_groups=spec.num_query_groups,
+        group_query_attention=spec.num_query_groups != spec.num_attention_heads,
+        kv_channels=spec.head_dim,
+        seq_length=spec.max_position_embeddings,
+        max_position_embeddings=spec.max_position_embeddings,
+        vocab_size=spec.vocab_size,
+        padded_vocab_size=layout.padded_vocab(spec.vocab_size),
+        make_vocab_size_divisible_by=layout.make_vocab_size_divisible_by,
+        swiglu=True,
+        normalization="RMSNorm",
+        norm_epsilon=spec.norm_eps,
+        layernorm_epsilon=spec.norm_eps,
+        add_bias_linear=False,
+        add_qkv_bias=spec.qkv_bias,
+        untie_embeddings_and_output_weights=not spec.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=spec.rope_theta,
+        rotary_percent=1.0,
+        use_rope_scaling=llama3_scaling,
+        rope_scaling_factor=float(rs.get("factor", 8.0)) if llama3_scaling else 8.0,
+        disable_bias_linear=True,
+        num_experts=None,
+        transformer_impl=transformer_impl,
+        # dtype
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        # layout
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        num_layers_per_virtual_pipeline_stage=(spec.num_layers // (layout.pp * layout.vpp)) if layout.vpp else None,
+        decoder_first_pipeline_num_layers=layout.first_stage_layers,
+        decoder_last_pipeline_num_layers=layout.last_stage_layers,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp or layout.tp,
+        ckpt_format=ckpt_format,
+        iteration=iteration or 0,
+        consumed_train_samples=0,
+        consumed_valid_samples=0,
+    )
+
+
+def common_state(spec: ModelSpec, layout: Layout, dtype: torch.dtype, ckpt_format: str,
+                 iteration: Optional[int], transformer_impl: str, source: dict) -> dict:
+    return {
+        "args": make_args(spec, layout, dtype, ckpt_format, transformer_impl, iteration),
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "iteration": iteration or 0,
+        # Self-describing: enough to read it back with no reference model (DESIGN.md).
+        "reshard": {
+            "spec": spec.to_dict(),
+            "layout": {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "ep": layout.ep,
+                       "etp": layout.etp, "first_stage_layers": layout.first_stage_layers,
+                       "last_stage_layers": layout.last_stage_layers,
+                       "make_vocab_size_divisible_by": layout.make_vocab_size_divisible_by},
+            "source": source,
+        },
+    }

@@ -1,0 +1,222 @@
+"""Megatron-core ``torch_dist`` checkpoints, written with torch.distributed.checkpoint
+(FORMATS.md §5).
+
+Keys are global and TP/PP-independent: decoder tensors are stacked on a leading layer axis
+under Transformer-Engine names; fc1 is the logical ``[W; V]``; embedding/output are padded
+for the target TP. Each piece of the plan becomes one DCP chunk (a rectangle of the global
+tensor) written by the rank that holds it - no DTensor, no full tensor anywhere. Also
+written: ``_extra_state`` objects (``[None]``), the common state as the DCP byte entry
+``common_state/shard_0_1``, ``metadata.json``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.filesystem import FileSystemWriter, _StorageInfo
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
+
+from ..layout import Layout
+from ..mapping import MappingTable
+from ..plan import Piece, Placement, TargetTensor
+from ..spec import ModelSpec
+
+NAME = "torch_dist"
+STACK_PREFIX = "decoder.layers."
+METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
+COMMON_KEY = "common_state/shard_0_1"
+
+
+def detect(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "metadata.json")) and os.path.isfile(os.path.join(path, ".metadata"))
+
+
+# ------------------------------------------------------------------------- target tensors
+
+def _placements(entry, spec, layout, layer: Optional[int]) -> List[Placement]:
+    out = []
+    for seg in entry.segments(spec, layout):
+        name = entry.parts()[seg.part]
+        name = name.format(i=layer) if layer is not None else name
+        rest = entry.part_shape(spec, seg.part)[1:]
+        zeros = (0,) * len(rest)
+        lead = (layer,) if layer is not None else ()
+        out.append(Placement(name, (seg.src_row,) + zeros, (seg.rows,) + rest,
+                             lead + (seg.dst_row,) + zeros, seg.repeat))
+    return out
+
+
+def targets(spec: ModelSpec, layout: Layout, table: MappingTable,
+            dtype_of: Callable[[str], torch.dtype]) -> List[TargetTensor]:
+    """The global tensors of a homogeneous GPT model, stacked on the layer axis."""
+    out = []
+    for e in table.top:
+        if e.applies(spec):
+            pls = _placements(e, spec, layout, None)
+            out.append(TargetTensor(e.mcore, e.shape(spec, layout), _one_dtype(pls, dtype_of, e.mcore), pls,
+                                    rule=e.tp_rule))
+    for e in table.layer:
+        if not e.applies(spec):
+            continue
+        pls = [p for i in range(spec.num_layers) for p in _placements(e, spec, layout, i)]
+        key = STACK_PREFIX + e.mcore
+        out.append(TargetTensor(key, (spec.num_layers,) + e.shape(spec, layout),
+                                _one_dtype(pls, dtype_of, key), pls, rule=e.tp_rule))
+    return out
+
+
+def _one_dtype(pls, dtype_of, key) -> torch.dtype:
+    dts = {dtype_of(p.canonical) for p in pls}
+    if len(dts) != 1:
+        raise AssertionError(f"{key} would mix dtypes {sorted(map(str, dts))}")
+    return dts.pop()
+
+
+def extra_state_keys(spec: ModelSpec, table: MappingTable) -> List[str]:
+    """``<module>._extra_state/shard_{layer}_{L}`` for every linear Megatron checkpoints."""
+    L = spec.num_layers
+    return [f"{STACK_PREFIX}{e.extra_state}._extra_state/shard_{i}_{L}"
+            for e in table.layer if e.extra_state and e.applies(spec) for i in range(L)]
+
+
+def layout_writers(spec: ModelSpec, layout: Layout, world: int):
+    """Writers that mirror the target layout: the piece goes to the rank that would hold it
+    in a Megatron job at that layout (virtual rank ``pp_stage*tp + tp_rank``, modulo N)."""
+    stage = {}
+    for p, chunks in enumerate(layout.stage_layers(spec.num_layers)):
+        for layers in chunks:
+            for i in layers:
+                stage[i] = p
+
+    def writers(piece: Piece, t: TargetTensor) -> Tuple[int, ...]:
+        lead = len(piece.dst_off) - len(piece.size)
+        row = piece.dst_off[lead]
+        if t.key.startswith(STACK_PREFIX):
+            pp = stage[piece.dst_off[0]]
+        else:
+            pp = 0 if t.key.startswith("embedding.") else layout.pp - 1
+        rows = t.shape[lead]
+        if t.rule in ("column", "qkv", "vocab"):
+            tp = row * layout.tp // rows
+        elif t.rule == "gated":
+            tp = (row % (rows // 2)) * layout.tp // (rows // 2)
+        else:
+            tp = 0
+        return ((pp * layout.tp + tp) % world,)
+
+    return writers
+
+
+# ------------------------------------------------------------------------- writing
+
+def _write_item(p: Piece, t: TargetTensor) -> WriteItem:
+    return WriteItem(
+        index=MetadataIndex(p.key, torch.Size(p.dst_off)),
+        type=WriteItemType.SHARD,
+        tensor_data=TensorWriteData(
+            chunk=ChunkStorageMetadata(offsets=torch.Size(p.dst_off), sizes=torch.Size(p.dst_size)),
+            properties=TensorProperties(dtype=t.dtype),
+            size=torch.Size(t.shape),
+        ),
+    )
+
+
+class _PiecePlanner(DefaultSavePlanner):
+    """A save planner whose local plan is this rank's pieces (rectangles) and byte objects;
+    tensors are resolved lazily, one at a time, while the file is written."""
+
+    def __init__(self, items: List[WriteItem], resolve: Callable[[WriteItem], object]):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self._items, self._resolve = items, resolve
+
+    def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=False):
+        self.state_dict, self.is_coordinator = {}, is_coordinator
+
+    def create_local_plan(self) -> SavePlan:
+        self.plan = SavePlan(self._items)
+        return self.plan
+
+    def resolve_data(self, write_item: WriteItem):
+        return self._resolve(write_item)
+
+
+class _StreamingWriter(FileSystemWriter):
+    """FileSystemWriter that streams items to one file per rank and drops each tensor as soon
+    as it is written (the stock writer keeps every tensor of a file alive until the end)."""
+
+    def __init__(self, path: str, fsync: bool, on_bytes: Callable[[int], None]):
+        super().__init__(path, single_file_per_rank=True, sync_files=fsync, thread_count=1, overwrite=True)
+        self._fsync, self._on_bytes = fsync, on_bytes
+
+    def write_data(self, plan: SavePlan, planner) -> Future:
+        name = f"{plan.storage_data.prefix}0.distcp"
+        results = []
+        with open(os.path.join(str(self.path), name), "wb") as stream:
+            for item in plan.items:
+                data = planner.resolve_data(item)
+                offset = stream.tell()
+                if item.type == WriteItemType.BYTE_IO:
+                    stream.write(data.getbuffer())
+                else:
+                    data = data.detach().cpu()
+                    if data.untyped_storage().nbytes() != data.nbytes or not data.is_contiguous():
+                        data = data.clone(memory_format=torch.contiguous_format)
+                    torch.save(data, stream)
+                    self._on_bytes(data.nbytes)
+                length = stream.tell() - offset
+                results.append(WriteResult(index=item.index, size_in_bytes=length,
+                                           storage_data=_StorageInfo(name, offset, length)))
+                del data
+            if self._fsync:
+                stream.flush()
+                os.fsync(stream.fileno())
+        fut: Future = Future()
+        fut.set_result(results)
+        return fut
+
+
+def _bytes(obj) -> io.BytesIO:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+def write(ckpt_dir: str, rank: int, world: int, pieces: Sequence[Piece], tgts: Dict[str, TargetTensor],
+          tensor_of: Callable[[Piece], torch.Tensor], extra_keys: Sequence[str], common: dict,
+          fsync: bool = True, on_bytes: Callable[[int], None] = lambda n: None) -> None:
+    """Collective: every rank writes its pieces; rank 0 adds the common state."""
+    items: List[WriteItem] = []
+    objects: Dict[str, object] = {}
+    by_index = {}
+    for p in pieces:
+        it = _write_item(p, tgts[p.key])
+        items.append(it)
+        by_index[(p.key, tuple(p.dst_off))] = p
+    for j, key in enumerate(extra_keys):
+        if j % world == rank:
+            objects[key] = [None]
+    if rank == 0:
+        objects[COMMON_KEY] = [common]
+    items += [WriteItem(index=MetadataIndex(k), type=WriteItemType.BYTE_IO) for k in objects]
+
+    def resolve(item: WriteItem):
+        if item.type == WriteItemType.BYTE_IO:
+            return _bytes(objects[item.index.fqn])
+        return tensor_of(by_index[(item.index.fqn, tuple(item.index.offset))])
+
+    dcp.save({}, storage_writer=_StreamingWriter(ckpt_dir, fsync, on_bytes),
+             planner=_PiecePlanner(items, resolve))
+    if rank == 0:
+        with open(os.path.join(ckpt_dir, "metadata.json"), "w") as f:
+            json.dump(METADATA_JSON, f)

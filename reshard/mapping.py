@@ -1,0 +1,209 @@
+"""Mapping-table entries: canonical (HF) tensors <-> Megatron tensors, with the split rule
+written in each entry (STYLE.md "Name mappings are tables").
+
+An entry names the canonical tensor(s) it consumes (``{i}`` = layer index), the Megatron
+name (Transformer-Engine spelling, plus the local-spec spelling where it differs, relative to
+``decoder.layers.{i}.`` for layer entries), and how the Megatron tensor is made of the
+canonical ones (:class:`~reshard.transforms.Segment` lists along dim 0) and split over TP.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import ClassVar, Dict, List, Optional, Tuple
+
+from .layout import Layout
+from .spec import ModelSpec
+from .transforms import Segment, gated_segments, qkv_segments, vocab_segments
+
+# Symbolic dimensions used in entry shapes, resolved against a spec.
+def dims(spec: ModelSpec) -> Dict[str, int]:
+    return {
+        "hidden": spec.hidden_size,
+        "ffn": spec.ffn_hidden_size,
+        "vocab": spec.vocab_size,
+        "q_rows": spec.num_attention_heads * spec.head_dim,
+        "kv_rows": spec.num_query_groups * spec.head_dim,
+    }
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One Megatron tensor and the canonical tensors it is made of."""
+
+    mcore: str
+    local: Optional[str] = None
+    when: Optional[str] = None  # spec predicate: "qkv_bias", "untied"
+    extra_state: Optional[str] = None  # module whose `_extra_state` Megatron checkpoints
+
+    tp_rule: ClassVar[str] = ""
+
+    def parts(self) -> Dict[str, str]:
+        """Role -> canonical name template."""
+        raise NotImplementedError
+
+    def part_shape(self, spec: ModelSpec, role: str) -> Tuple[int, ...]:
+        raise NotImplementedError
+
+    def segments(self, spec: ModelSpec, layout: Layout) -> List[Segment]:
+        """Rows of the Megatron (logical, TP=1) tensor, role-tagged."""
+        raise NotImplementedError
+
+    def rows(self, spec: ModelSpec, layout: Layout) -> int:
+        return sum(s.rows * s.repeat for s in self.segments(spec, layout))
+
+    def shape(self, spec: ModelSpec, layout: Layout) -> Tuple[int, ...]:
+        first = next(iter(self.parts()))
+        return (self.rows(spec, layout),) + self.part_shape(spec, first)[1:]
+
+    def applies(self, spec: ModelSpec) -> bool:
+        if self.when is None:
+            return True
+        if self.when == "qkv_bias":
+            return spec.qkv_bias
+        if self.when == "untied":
+            return not spec.tie_word_embeddings
+        raise AssertionError(f"unknown predicate {self.when}")
+
+    def mcore_name(self, transformer_impl: str = "transformer_engine") -> str:
+        return self.local if (transformer_impl == "local" and self.local) else self.mcore
+
+
+@dataclass(frozen=True)
+class _Single(Entry):
+    hf: str = ""
+    dims: Tuple[str, ...] = ()
+
+    def parts(self):
+        return {"": self.hf}
+
+    def part_shape(self, spec, role):
+        d = dims(spec)
+        return tuple(d[x] for x in self.dims)
+
+    def segments(self, spec, layout):
+        return [Segment("", 0, 0, self.part_shape(spec, "")[0])]
+
+
+@dataclass(frozen=True)
+class Replicated(_Single):
+    """Same full tensor on every TP rank (norms)."""
+    tp_rule: ClassVar[str] = "replicated"
+
+
+@dataclass(frozen=True)
+class Column(_Single):
+    """Split on dim 0 (output features)."""
+    tp_rule: ClassVar[str] = "column"
+
+
+@dataclass(frozen=True)
+class Row(_Single):
+    """Split on dim 1 (input features)."""
+    tp_rule: ClassVar[str] = "row"
+
+
+@dataclass(frozen=True)
+class Vocab(_Single):
+    """Vocab-parallel on dim 0, padded for the layout by repeating the last real row."""
+    tp_rule: ClassVar[str] = "vocab"
+    dims: Tuple[str, ...] = ("vocab", "hidden")
+
+    def segments(self, spec, layout):
+        return vocab_segments(spec.vocab_size, layout.padded_vocab(spec.vocab_size))
+
+
+@dataclass(frozen=True)
+class QKV(Entry):
+    """Fused QKV grouped by kv head; TP takes plain row chunks of the fused tensor."""
+    tp_rule: ClassVar[str] = "qkv"
+    q: str = ""
+    k: str = ""
+    v: str = ""
+    bias: bool = False
+
+    def parts(self):
+        return {"q": self.q, "k": self.k, "v": self.v}
+
+    def part_shape(self, spec, role):
+        d = dims(spec)
+        rows = d["q_rows"] if role == "q" else d["kv_rows"]
+        return (rows,) if self.bias else (rows, d["hidden"])
+
+    def segments(self, spec, layout):
+        return qkv_segments(spec.num_attention_heads, spec.num_query_groups, spec.head_dim)
+
+
+@dataclass(frozen=True)
+class GatedMLP(Entry):
+    """SwiGLU fc1 ``[gate; up]``; TP rank r holds ``[gate_r; up_r]``."""
+    tp_rule: ClassVar[str] = "gated"
+    gate: str = ""
+    up: str = ""
+
+    def parts(self):
+        return {"gate": self.gate, "up": self.up}
+
+    def part_shape(self, spec, role):
+        return (spec.ffn_hidden_size, spec.hidden_size)
+
+    def segments(self, spec, layout):
+        return gated_segments(spec.ffn_hidden_size)
+
+
+@dataclass(frozen=True)
+class MappingTable:
+    """All entries of one architecture family."""
+
+    family: str
+    top: Tuple[Entry, ...]
+    layer: Tuple[Entry, ...]
+    dropped: Tuple[str, ...] = ()  # canonical names ignored on purpose ({i} allowed)
+    layer_prefix: str = "decoder.layers.{i}."
+    _dropped_re: Tuple[re.Pattern, ...] = field(default=(), compare=False, repr=False)
+
+    def __post_init__(self):
+        self.validate()
+        object.__setattr__(self, "_dropped_re", tuple(
+            re.compile("^" + re.escape(d).replace(r"\{i\}", r"\d+") + "$") for d in self.dropped))
+
+    def validate(self) -> None:
+        """Placeholders where they belong, names unique (checked when the table is built)."""
+        seen_hf, seen_mc = set(), set()
+        for scope, entries in (("top", self.top), ("layer", self.layer)):
+            for e in entries:
+                for role, name in e.parts().items():
+                    count = name.count("{i}")
+                    if count != (1 if scope == "layer" else 0):
+                        raise AssertionError(f"{self.family}: {scope} entry {name!r} has {count} layer placeholders")
+                    if name in seen_hf:
+                        raise AssertionError(f"{self.family}: canonical name {name!r} mapped twice")
+                    seen_hf.add(name)
+                for mc in {e.mcore, e.local} - {None}:
+                    if "{i}" in mc:
+                        raise AssertionError(f"{self.family}: Megatron name {mc!r} must be layer-relative")
+                    if (scope, mc) in seen_mc and mc != e.mcore:
+                        raise AssertionError(f"{self.family}: Megatron name {mc!r} used twice")
+                    seen_mc.add((scope, mc))
+
+    def is_dropped(self, name: str) -> bool:
+        return any(r.match(name) for r in self._dropped_re)
+
+    def entries(self, spec: ModelSpec):
+        """Yield ``(entry, layer_or_None)`` for every Megatron tensor of this spec."""
+        for e in self.top:
+            if e.applies(spec):
+                yield e, None
+        for i in range(spec.num_layers):
+            for e in self.layer:
+                if e.applies(spec):
+                    yield e, i
+
+    def canonical_names(self, spec: ModelSpec) -> Dict[str, Tuple[Entry, str, Optional[int]]]:
+        """Every canonical tensor the spec has -> (entry, role, layer)."""
+        out = {}
+        for e, i in self.entries(spec):
+            for role, tmpl in e.parts().items():
+                out[tmpl.format(i=i) if i is not None else tmpl] = (e, role, i)
+        return out

@@ -1,0 +1,78 @@
+"""Rank 0's progress display and every rank's counters for ``reshard_report.json``."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from typing import Dict
+
+log = logging.getLogger("reshard")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class Stats:
+    """Bytes moved and seconds per phase, for one rank."""
+
+    def __init__(self):
+        self.counters: Dict[str, float] = dict(bytes_read=0, bytes_sent=0, bytes_received=0, bytes_written=0)
+        self.seconds: Dict[str, float] = {}
+
+    def __getitem__(self, k):
+        return self.counters[k]
+
+    def __setitem__(self, k, v):
+        self.counters[k] = v
+
+    @contextmanager
+    def phase(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+    def as_dict(self) -> dict:
+        return {**{k: int(v) for k, v in self.counters.items()},
+                "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
+                "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+class Progress:
+    """A bar (bytes, GB/s) on a terminal, plain log lines every few seconds otherwise."""
+
+    def __init__(self, total: int, desc: str, mode: str = "auto", enabled: bool = True, every_s: float = 5.0):
+        self.total, self.done, self.t0, self.last = max(total, 1), 0, time.perf_counter(), 0.0
+        self.every_s, self.desc = every_s, desc
+        self.enabled = enabled and mode != "none"
+        self.bar = None
+        if self.enabled and (mode == "bar" or (mode == "auto" and sys.stderr.isatty())):
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
+            except ImportError:  # pragma: no cover - tqdm is a dependency
+                self.bar = None
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.perf_counter()
+        if now - self.last >= self.every_s or self.done >= self.total:
+            self.last = now
+            el = max(now - self.t0, 1e-9)
+            log.info("%s: %.2f/%.2f GB (%.0f%%), %.2f GB/s", self.desc, self.done / 1e9, self.total / 1e9,
+                     100.0 * self.done / self.total, self.done / el / 1e9)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

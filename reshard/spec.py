@@ -1,0 +1,257 @@
+"""ModelSpec: the architecture of a checkpoint, independent of format and layout.
+
+A spec comes from a preset in ``conf/model/`` or is detected from the source (HF
+``config.json``; other formats add their own readers). When both exist they must agree:
+:func:`check_preset` names every differing field at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+from .errors import ConfigError, SourceError, UnsupportedError
+
+log = logging.getLogger(__name__)
+
+# HF model_type -> mapping-table family (see reshard/models/).
+MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+# Fields that change the weights or the maths: a preset that disagrees on one is an error.
+STRUCTURAL_FIELDS = (
+    "model_type", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+    "head_dim", "ffn_hidden_size", "vocab_size", "norm_eps", "rope_theta", "rope_scaling",
+    "tie_word_embeddings", "qkv_bias",
+)
+# Fields that are carried through but do not change any tensor: a mismatch is a warning.
+INFORMATIONAL_FIELDS = ("max_position_embeddings", "sliding_window", "dtype")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture numbers. Linear weights are ``[out, in]``; ``head_dim`` is Megatron's kv_channels."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    ffn_hidden_size: int
+    vocab_size: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[Mapping[str, Any]] = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    sliding_window: Optional[int] = None
+    dtype: str = "bfloat16"
+    name: Optional[str] = field(default=None, compare=False)
+
+    @property
+    def family(self) -> str:
+        return MODEL_TYPES[self.model_type]
+
+    @property
+    def architecture(self) -> str:
+        return ARCHITECTURES[self.model_type]
+
+    @property
+    def queries_per_group(self) -> int:
+        return self.num_attention_heads // self.num_query_groups
+
+    @property
+    def qkv_rows(self) -> int:
+        """Rows of the fused QKV weight: ``(nh + 2*ng) * hd``."""
+        return (self.num_attention_heads + 2 * self.num_query_groups) * self.head_dim
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown model spec fields {unknown}; known fields: {sorted(names)}")
+        missing = sorted(
+            f.name for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and d.get(f.name) is None
+        )
+        if missing:
+            raise ConfigError(f"model spec is missing required fields {missing}")
+        d = {k: v for k, v in d.items() if v is not None or k in ("rope_scaling", "sliding_window", "name")}
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = _freeze(d["rope_scaling"])
+        spec = cls(**d)
+        spec.check()
+        return spec
+
+    def check(self) -> None:
+        """Internal consistency of the numbers themselves."""
+        problems = []
+        if self.model_type not in MODEL_TYPES:
+            raise UnsupportedError(
+                f"architecture model_type={self.model_type!r} is not supported; supported: "
+                f"{sorted(MODEL_TYPES)} (see reshard/models/README.md to add one)"
+            )
+        for f in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                  "head_dim", "ffn_hidden_size", "vocab_size"):
+            if int(getattr(self, f)) <= 0:
+                problems.append(f"{f}={getattr(self, f)} must be positive")
+        if not problems and self.num_attention_heads % self.num_query_groups:
+            problems.append(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_query_groups={self.num_query_groups}"
+            )
+        if problems:
+            raise ConfigError("inconsistent model spec: " + "; ".join(problems))
+
+
+class _FrozenDict(dict):
+    """A hashable dict, so that ModelSpec stays a frozen, comparable value."""
+
+    def __hash__(self):  # pragma: no cover - trivial
+        return hash(tuple(sorted(self.items())))
+
+
+def _freeze(d: Mapping[str, Any]) -> _FrozenDict:
+    return _FrozenDict({k: v for k, v in dict(d).items()})
+
+
+def _rope_scaling_from_hf(rs: Optional[Mapping[str, Any]]) -> Optional[_FrozenDict]:
+    if not rs:
+        return None
+    rs = dict(rs)
+    if "type" in rs and "rope_type" not in rs:
+        rs["rope_type"] = rs.pop("type")
+    rs.pop("type", None)
+    if rs.get("rope_type") == "default":
+        # transformers >= 4.5x writes rope_parameters {"rope_type": "default", "rope_theta": ..}
+        return None
+    rs.pop("rope_theta", None)
+    return _freeze(rs)
+
+
+def spec_from_hf_config(cfg: Mapping[str, Any], where: str = "config.json") -> ModelSpec:
+    """Read a ModelSpec from a Hugging Face ``config.json`` dictionary."""
+    model_type = cfg.get("model_type")
+    if model_type not in MODEL_TYPES:
+        archs = cfg.get("architectures")
+        raise UnsupportedError(
+            f"{where}: model_type={model_type!r} (architectures={archs}) is not supported; "
+            f"supported model types: {sorted(MODEL_TYPES)}"
+        )
+    try:
+        nh = int(cfg["num_attention_heads"])
+        h = int(cfg["hidden_size"])
+        rope_params = cfg.get("rope_parameters") or {}
+        theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+        rope_scaling = cfg.get("rope_scaling")
+        if rope_scaling is None and rope_params:
+            rope_scaling = rope_params
+        dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+        spec = ModelSpec(
+            model_type=model_type,
+            num_layers=int(cfg["num_hidden_layers"]),
+            hidden_size=h,
+            num_attention_heads=nh,
+            num_query_groups=int(cfg.get("num_key_value_heads") or nh),
+            head_dim=int(cfg.get("head_dim") or h // nh),
+            ffn_hidden_size=int(cfg["intermediate_size"]),
+            vocab_size=int(cfg["vocab_size"]),
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6 if model_type == "qwen2" else 1e-5)),
+            rope_theta=float(theta),
+            rope_scaling=_rope_scaling_from_hf(rope_scaling),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
+            dtype=str(dtype).replace("torch.", ""),
+        )
+    except KeyError as e:
+        raise SourceError(f"{where}: required field {e.args[0]!r} is missing") from None
+    spec.check()
+    return spec
+
+
+def read_hf_config(path: str) -> ModelSpec:
+    cfg_path = os.path.join(path, "config.json")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise SourceError(f"{cfg_path} not found: a Hugging Face checkpoint needs its config.json") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise SourceError(f"{cfg_path} cannot be read as JSON: {e}") from None
+    return spec_from_hf_config(cfg, cfg_path)
+
+
+def _values_differ(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            return abs(float(a) - float(b)) > 1e-12 * max(1.0, abs(float(a)))
+        except (TypeError, ValueError):
+            return True
+    if isinstance(a, Mapping) or isinstance(b, Mapping):
+        a, b = dict(a or {}), dict(b or {})
+        return a.keys() != b.keys() or any(_values_differ(a[k], b[k]) for k in a)
+    return a != b
+
+
+def check_preset(preset: ModelSpec, detected: ModelSpec, source: str) -> ModelSpec:
+    """Return the detected spec if the preset agrees with it; else raise naming every field."""
+    diffs = [
+        f"{f}: preset {getattr(preset, f)!r}, checkpoint {getattr(detected, f)!r}"
+        for f in STRUCTURAL_FIELDS if _values_differ(getattr(preset, f), getattr(detected, f))
+    ]
+    if diffs:
+        raise ConfigError(
+            f"model preset {preset.name!r} disagrees with the checkpoint at {source}:\n  "
+            + "\n  ".join(diffs)
+            + "\nPick the preset that matches the checkpoint, or drop +model=... to use the "
+            "architecture detected from the source."
+        )
+    for f in INFORMATIONAL_FIELDS:
+        if _values_differ(getattr(preset, f), getattr(detected, f)):
+            log.warning("preset %s has %s=%r but the checkpoint says %r; keeping the checkpoint's",
+                        preset.name, f, getattr(preset, f), getattr(detected, f))
+    return dataclasses.replace(detected, name=preset.name)
+
+
+def to_hf_config(spec: ModelSpec) -> dict:
+    """A ``config.json`` for ``spec`` in the field names current transformers reads."""
+    cfg = {
+        "architectures": [spec.architecture],
+        "model_type": spec.model_type,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.ffn_hidden_size,
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_attention_heads,
+        "num_key_value_heads": spec.num_query_groups,
+        "head_dim": spec.head_dim,
+        "vocab_size": spec.vocab_size,
+        "rms_norm_eps": spec.norm_eps,
+        "rope_theta": spec.rope_theta,
+        "rope_scaling": dict(spec.rope_scaling) if spec.rope_scaling else None,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "tie_word_embeddings": spec.tie_word_embeddings,
+        "hidden_act": "silu",
+        "torch_dtype": spec.dtype,
+    }
+    if spec.model_type == "llama":
+        cfg["attention_bias"] = spec.qkv_bias
+        cfg["mlp_bias"] = False
+    if spec.model_type in ("mistral", "qwen2"):
+        cfg["sliding_window"] = spec.sliding_window
+    if spec.model_type == "qwen2":
+        cfg["use_sliding_window"] = False
+    return cfg

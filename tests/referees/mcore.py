@@ -1,0 +1,114 @@
+"""Megatron-core as a referee, on CPU with gloo (FORMATS.md §6).
+
+Run under torchrun (or spawn) with an initialised gloo process group. Builds a tiny
+``GPTModel`` with the local spec at a given TP/PP, and loads torch_dist checkpoints with
+``dist_checkpointing.load``. Test-only: the package itself never imports Megatron.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+import torch.distributed as dist
+
+
+def patch_cuda_for_cpu() -> None:
+    """Megatron-core assumes CUDA in a few places; make them harmless on CPU."""
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *a, **k: None
+
+
+@contextlib.contextmanager
+def tensor_cuda_is_identity():
+    orig = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = orig
+
+
+def init_model_parallel(tp: int, pp: int, ep: int = 1) -> None:
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import initialize_rng_tracker
+
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
+    )
+    initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+
+
+def transformer_config(spec: dict, tp: int, pp: int, dtype=torch.float32):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=spec["num_layers"],
+        hidden_size=spec["hidden_size"],
+        num_attention_heads=spec["num_attention_heads"],
+        num_query_groups=spec["num_query_groups"],
+        kv_channels=spec["head_dim"],
+        ffn_hidden_size=spec["ffn_hidden_size"],
+        normalization="RMSNorm",
+        layernorm_epsilon=spec["norm_eps"],
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=spec.get("qkv_bias", False),
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        pipeline_dtype=dtype if pp > 1 else None,
+        params_dtype=dtype,
+        use_cpu_initialization=True,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def build_gpt(spec: dict, tp: int, pp: int, padded_vocab: int, dtype=torch.float32):
+    """A GPTModel (local spec) for this rank's TP/PP position."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    patch_cuda_for_cpu()
+    init_model_parallel(tp, pp)
+    cfg = transformer_config(spec, tp, pp, dtype)
+    with warnings.catch_warnings(), tensor_cuda_is_identity():
+        warnings.simplefilter("ignore")
+        model = GPTModel(
+            config=cfg,
+            transformer_layer_spec=get_gpt_layer_local_spec(qk_layernorm=False),
+            vocab_size=padded_vocab,
+            max_sequence_length=spec.get("max_position_embeddings", 4096),
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+            share_embeddings_and_output_weights=spec.get("tie_word_embeddings", False),
+            position_embedding_type="rope",
+            rotary_base=int(spec.get("rope_theta", 10000)),
+        )
+    return model.to(dtype)
+
+
+def load_torch_dist(model, ckpt_dir: str) -> None:
+    """``dist_checkpointing.load`` at the default strictness into ``model``."""
+    from megatron.core import dist_checkpointing
+
+    sharded = model.sharded_state_dict()
+    state = dist_checkpointing.load(sharded, ckpt_dir)
+    own = set(model.state_dict())
+    # load() merges the common state (args, iteration, ...) into the result; keep model keys.
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
+
+
+def rank_print(*a):
+    print(f"[rank {dist.get_rank()}]", *a, flush=True)
