@@ -24,7 +24,6 @@ from . import config
 from .dist import detect_env
 from .errors import ReshardError
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "conf")
 log = logging.getLogger("reshard")
 _failures = []
 
@@ -70,7 +69,7 @@ def main() -> int:
     config.register()
     rank = detect_env().rank
     sys.argv += _quiet_rank_overrides(rank)
-    hydra.main(version_base="1.3", config_path=os.path.abspath(CONF_DIR), config_name="config")(job)()
+    hydra.main(version_base="1.3", config_path=config.CONF_DIR, config_name="config")(job)()
     import torch.distributed as dist
 
     if dist.is_initialized():

@@ -6,6 +6,8 @@ YAML files in ``conf/`` extend these schemas (``conf/model/*.yaml`` starts from
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -58,8 +60,8 @@ class ParallelConfig:
 
 @dataclass
 class IOConfig:
-    buffer_mb: int = 512  # exchange budget per rank and round
-    max_piece_mb: Optional[int] = None  # default: min(buffer/2, source/(8 N))
+    buffer_mb: float = 512  # exchange budget per rank and round
+    max_piece_mb: Optional[float] = None  # default: min(buffer/2, source/(8 N))
     assign: str = "auto"  # auto: the reader writes what it reads where the format allows; layout: mirror the target layout
     fsync: bool = True
     progress: str = "auto"  # auto | bar | log | none
@@ -141,8 +143,10 @@ def validate(cfg) -> None:
         problems.append("target.transformer_impl must be 'transformer_engine' or 'local'")
     if cfg.io.assign not in ("auto", "layout"):
         problems.append(f"io.assign={cfg.io.assign!r}: use auto or layout")
-    if cfg.io.buffer_mb < 1:
-        problems.append("io.buffer_mb must be >= 1")
+    if cfg.io.buffer_mb <= 0:
+        problems.append("io.buffer_mb must be > 0")
+    if cfg.io.max_piece_mb is not None and cfg.io.max_piece_mb <= 0:
+        problems.append("io.max_piece_mb must be > 0 or null")
     if cfg.io.progress not in ("auto", "bar", "log", "none"):
         problems.append("io.progress must be auto, bar, log or none")
     if cfg.device not in ("cpu", "cuda"):
@@ -152,3 +156,18 @@ def validate(cfg) -> None:
                         "does not convert yet; leave them at 1/null")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+CONF_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "conf"))
+
+
+def compose(overrides=()):
+    """The same config ``python -m reshard <overrides>`` would run, for Python callers and tests."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))

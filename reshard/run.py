@@ -127,8 +127,8 @@ def resolve(cfg, world: int) -> Job:
     dtype_of = (lambda name: cast) if cast else (lambda name: index.dtypes[name])
     tgts = torch_dist.targets(spec, layout, table, dtype_of)
     writers_of = torch_dist.layout_writers(spec, layout, world) if cfg.io.assign == "layout" else None
-    plan = build_plan(index, tgts, world, buffer_bytes=cfg.io.buffer_mb << 20,
-                      max_piece_bytes=(cfg.io.max_piece_mb << 20) if cfg.io.max_piece_mb else None,
+    plan = build_plan(index, tgts, world, buffer_bytes=int(cfg.io.buffer_mb * 2**20),
+                      max_piece_bytes=int(cfg.io.max_piece_mb * 2**20) if cfg.io.max_piece_mb else None,
                       writers_of=writers_of)
     problems = check_coverage(plan)
     assert not problems, problems
