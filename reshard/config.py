@@ -37,7 +37,8 @@ class SourceConfig:
 
 @dataclass
 class TargetConfig:
-    path: str = ("${paths.root}/${model_dir:${model.name}}/${target.format}"
+    # a sibling of the source: <root>/<model>/hf -> <root>/<model>/torch_dist_tp8_pp1
+    path: str = ("${dirname:${source.path}}/${target.format}"
                  "_tp${parallel.target_tp}_pp${parallel.target_pp}"
                  "${layout_suffix:${parallel.target_vpp},${parallel.target_ep}}")
     format: str = "torch_dist"
@@ -117,7 +118,9 @@ def _layout_suffix(vpp, ep) -> str:
 
 
 def register() -> None:
-    for name, fn in (("model_dir", _model_dir), ("layout_suffix", _layout_suffix)):
+    resolvers = (("model_dir", _model_dir), ("layout_suffix", _layout_suffix),
+                 ("dirname", lambda p: os.path.dirname(os.path.normpath(str(p)))))
+    for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
     cs = ConfigStore.instance()

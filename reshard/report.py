@@ -1,0 +1,32 @@
+"""Print the summary of a ``reshard_report.json``: ``python -m reshard.report <target dir>``."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def summarize(target: str) -> str:
+    with open(os.path.join(target, "reshard_report.json")) as f:
+        r = json.load(f)
+    lay, spec, t = r["layout"], r["spec"], r["totals"]
+    lines = [
+        f"{r['source']['path']} ({r['source']['format']}, {r['source']['bytes'] / 1e6:.1f} MB) -> "
+        f"{r['target']['path']} ({r['target']['format']})",
+        f"model: {spec['model_type']} {spec['num_layers']} layers, hidden {spec['hidden_size']}, heads "
+        f"{spec['num_attention_heads']}/{spec['num_query_groups']} kv, vocab {spec['vocab_size']}",
+        f"layout: tp={lay['tp']} pp={lay['pp']} vpp={lay['vpp']} on {r['world_size']} rank(s); "
+        f"{r['pieces']} pieces, {r['rounds']} exchange round(s)",
+        f"bytes: read {t['bytes_read']}, sent {t['bytes_sent']}, received {t['bytes_received']}, "
+        f"written {t['bytes_written']}",
+    ]
+    for rk in r["ranks"]:
+        secs = ", ".join(f"{k} {v:.2f}s" for k, v in rk["seconds"].items())
+        lines.append(f"  rank {rk['rank']}: read {rk['bytes_read']} B from {len(rk['files_opened'])} file(s), "
+                     f"wrote {rk['bytes_written']} B, peak RSS {rk['peak_rss_mb']:.0f} MB ({secs})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(summarize(sys.argv[1]))

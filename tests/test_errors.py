@@ -1,0 +1,223 @@
+"""Bad input gets a clear error (what, why, what to do) and loses nothing: no target, no
+staging directory, nothing that looks like a checkpoint."""
+
+import glob
+import json
+import os
+import shutil
+
+import pytest
+
+from reshard import config
+from reshard.errors import ConfigError, LayoutError, SourceError, TargetError, UnsupportedError
+from reshard.run import convert
+from reshard.synthetic import load_preset, write_hf
+
+
+@pytest.fixture
+def src(tmp_path):
+    path = str(tmp_path / "hf")
+    write_hf(path, load_preset("tiny_llama3"), shards=3)
+    return path
+
+
+def _convert(src, target, *extra):
+    cfg = config.compose([f"source.path={src}", f"target.path={target}", "io.progress=none",
+                          f"paths.root={os.path.dirname(target)}", *extra])
+    config.validate(cfg)
+    return convert(cfg)
+
+
+def _nothing_left(target):
+    assert not os.path.exists(target)
+    assert not glob.glob(os.path.join(os.path.dirname(target), f".{os.path.basename(target)}*"))
+
+
+def _shard(src, n):
+    return os.path.join(src, f"model-{n:05d}-of-00003.safetensors")
+
+
+def test_a_missing_source_is_named(tmp_path):
+    out = str(tmp_path / "out")
+    with pytest.raises(SourceError, match="does not exist; set source.path"):
+        _convert(str(tmp_path / "nope"), out)
+    _nothing_left(out)
+
+
+def test_a_source_that_is_a_file_or_has_no_weights_is_explained(tmp_path, src):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(SourceError, match="not a directory"):
+        _convert(str(f), str(tmp_path / "o1"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SourceError, match="cannot tell the format"):
+        _convert(str(empty), str(tmp_path / "o2"))
+    with open(os.path.join(src, "config.json"), "w") as fh:
+        fh.write("{ not json")
+    with pytest.raises(SourceError, match="cannot be read as JSON"):
+        _convert(src, str(tmp_path / "o3"))
+    _nothing_left(str(tmp_path / "o3"))
+
+
+def test_a_shard_named_by_the_index_but_absent_is_named(tmp_path, src):
+    os.remove(_shard(src, 2))
+    out = str(tmp_path / "out")
+    with pytest.raises(SourceError, match=r"model-00002-of-00003.safetensors is named by the index but does not exist"):
+        _convert(src, out)
+    _nothing_left(out)
+
+
+def test_a_truncated_safetensors_shard_is_caught_before_any_data_moves(tmp_path, src):
+    path = _shard(src, 3)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size - 100)
+    out = str(tmp_path / "out")
+    with pytest.raises(SourceError, match=r"model-00003-of-00003.safetensors is truncated.*fetch this shard again"):
+        _convert(src, out)
+    _nothing_left(out)
+
+
+def test_a_preset_that_disagrees_with_the_checkpoint_names_every_field(tmp_path, src):
+    out = str(tmp_path / "out")
+    with pytest.raises(ConfigError) as e:
+        _convert(src, out, "+model=tiny_llama2")
+    msg = str(e.value)
+    for field in ("num_query_groups: preset 4, checkpoint 2", "ffn_hidden_size", "vocab_size", "rope_theta",
+                  "rope_scaling"):
+        assert field in msg, msg
+    _nothing_left(out)
+
+
+def test_a_matching_preset_is_accepted(tmp_path, src):
+    report = _convert(src, str(tmp_path / "out"), "+model=tiny_llama3")
+    assert report["spec"]["name"] == "tiny_llama3"
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["parallel.target_tp=3"], "num_attention_heads=4 is not divisible by tp=3"),
+    (["parallel.target_pp=3"], "num_layers=4 is not divisible by pp=3"),
+    (["parallel.target_pp=2", "parallel.target_vpp=4"], "num_layers=4 is not divisible by pp*vpp=2*4"),
+    (["parallel.target_tp=8"], "num_attention_heads=4 is not divisible by tp=8"),
+])
+def test_layouts_that_do_not_divide_fail_up_front(tmp_path, src, overrides, needle):
+    out = str(tmp_path / "out")
+    with pytest.raises(LayoutError, match=needle.replace("*", r"\*")):
+        _convert(src, out, *overrides)
+    _nothing_left(out)
+
+
+def test_an_unsupported_architecture_is_named(tmp_path, src):
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    cfg.update(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"])
+    with open(os.path.join(src, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(UnsupportedError, match="gpt_neox.*GPTNeoXForCausalLM"):
+        _convert(src, str(tmp_path / "out"))
+
+
+def test_unknown_and_missing_tensors_are_listed_not_dropped(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = str(tmp_path / "hf")
+    write_hf(src, load_preset("tiny_llama2"), shards=1)
+    path = os.path.join(src, "model.safetensors")
+    sd = load_file(path)
+    sd["model.layers.0.mlp.extra_adapter.weight"] = sd["model.norm.weight"].clone()
+    del sd["model.layers.2.self_attn.k_proj.weight"]
+    save_file(sd, path)
+    out = str(tmp_path / "out")
+    with pytest.raises(SourceError) as e:
+        _convert(src, out)
+    assert "model.layers.2.self_attn.k_proj.weight" in str(e.value)
+    assert "model.layers.0.mlp.extra_adapter.weight" in str(e.value) and "silently" in str(e.value)
+    _nothing_left(out)
+
+
+def test_a_shape_that_disagrees_with_the_config_is_named(tmp_path):
+    src = str(tmp_path / "hf")
+    write_hf(src, load_preset("tiny_llama2"), shards=1)
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["intermediate_size"] = 128
+    with open(os.path.join(src, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(SourceError, match=r"gate_proj.weight: checkpoint \(176, 64\), config implies \(128, 64\)"):
+        _convert(src, str(tmp_path / "out"))
+
+
+def test_an_existing_target_is_refused_unless_overwrite(tmp_path, src):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(TargetError, match="exists and is not empty; pass overwrite=true"):
+        _convert(src, str(out))
+    assert (out / "precious.txt").read_text() == "keep me"
+    _convert(src, str(out), "overwrite=true")
+    assert not (out / "precious.txt").exists() and (out / "release" / ".metadata").exists()
+
+
+def test_a_target_inside_the_source_is_refused(src):
+    with pytest.raises(TargetError, match="overlaps the source"):
+        _convert(src, os.path.join(src, "mcore"))
+
+
+def test_a_failure_while_writing_leaves_nothing_behind(tmp_path, src, monkeypatch):
+    from reshard.formats import torch_dist
+
+    real_write = torch_dist.write
+
+    def write_then_fail(ckpt_dir, *a, **k):
+        real_write(ckpt_dir, *a, **k)  # the staging directory now holds a complete-looking checkpoint
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(torch_dist, "write", write_then_fail)
+    out = str(tmp_path / "out")
+    with pytest.raises(OSError, match="disk full"):
+        _convert(src, out)
+    _nothing_left(out)
+
+
+def test_a_failure_while_writing_keeps_the_previous_target_when_overwriting(tmp_path, src, monkeypatch):
+    from reshard.formats import torch_dist
+
+    out = tmp_path / "out"
+    _convert(src, str(out))
+    before = sorted(os.listdir(out / "release"))
+    monkeypatch.setattr(torch_dist, "write", lambda *a, **k: (_ for _ in ()).throw(OSError("boom")))
+    with pytest.raises(OSError, match="boom"):
+        _convert(src, str(out), "overwrite=true")
+    assert sorted(os.listdir(out / "release")) == before
+    assert not glob.glob(str(tmp_path / ".out.reshard-staging-*"))
+
+
+def test_invalid_options_are_reported_together():
+    cfg = config.compose(["source.path=x", "target.format=pickle", "target.dtype=int3", "io.assign=random",
+                          "device=tpu"])
+    with pytest.raises(ConfigError) as e:
+        config.validate(cfg)
+    msg = str(e.value)
+    for needle in ("target.format='pickle'", "target.dtype='int3'", "io.assign='random'", "device='tpu'"):
+        assert needle in msg
+
+
+def test_a_planned_target_format_says_it_is_not_in_this_version():
+    cfg = config.compose(["source.path=x", "target.format=hf"])
+    with pytest.raises(ConfigError, match="planned, not in this version"):
+        config.validate(cfg)
+
+
+def test_without_preset_or_source_path_the_user_is_told_what_to_set():
+    cfg = config.compose([])
+    with pytest.raises(ConfigError, match="source.path is not set"):
+        config.validate(cfg)
+
+
+def test_a_committed_target_holds_the_checkpoint_the_tracker_and_the_report(tmp_path, src):
+    out = tmp_path / "out"
+    _convert(src, str(out))
+    shutil.copytree(out, tmp_path / "copy")
+    assert sorted(os.listdir(tmp_path / "copy")) == ["latest_checkpointed_iteration.txt", "release",
+                                                     "reshard_report.json"]
