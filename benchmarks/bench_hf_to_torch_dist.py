@@ -8,7 +8,8 @@ timed in the same run on the same (page-cached) files, best of --repeat. Printed
   * fixed start-up cost (intercept of the two sizes)  (goal <= 5 s)
   * speed-up over the single-process converter at the larger size  (goal >= 3x)
   * peak RSS per rank against size/N + exchange buffer, bytes read against source size
-reshard runs with io.fsync=false here, since cp -r does not fsync either.
+reshard runs with io.fsync=false here, since cp -r does not fsync either; `sync` runs before every
+timed command so that write-back of one run does not land on the next.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ ENV = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
 
 
 def timed(cmd) -> tuple:
+    os.sync()  # start each run with no dirty pages left over from the previous one
     t = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=REPO)
     dt = time.perf_counter() - t
@@ -88,7 +90,7 @@ def baseline_rss_mb() -> float:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=float, nargs=2, default=[0.5, 2.5])
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--buffer-mb", type=int, default=512)
     ap.add_argument("--workdir", default=None)
@@ -103,6 +105,8 @@ def main():
     marg = {m: (big[m] - small[m]) / dgb for m in ("cp", "reshard", "single")}
     start = {m: small[m] - marg[m] * small["bytes"] / 1e9 for m in marg}
     base_rss = baseline_rss_mb()
+    floor = min(timed([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.nproc}",
+                       os.path.join(HERE, "empty_job.py")])[0] for _ in range(a.repeat))
     print(f"HF -> torch_dist TP=2 PP=2 on {a.nproc} ranks, synthetic bf16 Llama, warm page cache, best of {a.repeat}")
     print(f"{'size GB':>8} {'cp -r s':>8} {'reshard s':>10} {'single s':>9} {'rank RSS MB':>16} {'single RSS MB':>14}")
     for r in (small, big):
@@ -112,6 +116,8 @@ def main():
     print(f"marginal cost ratio reshard/cp: {marg['reshard'] / marg['cp']:.2f}x (goal <= 1.25x)")
     print(f"fixed start-up: reshard {start['reshard']:.2f} s (goal <= 5 s), cp {start['cp']:.2f} s, "
           f"single {start['single']:.2f} s")
+    print(f"  of which an empty torchrun job (python imports torch + DCP + hydra, joins gloo): {floor:.2f} s; "
+          f"reshard's own start-up above it: {start['reshard'] - floor:.2f} s")
     print(f"speed-up over the single-process converter at {big['bytes'] / 1e9:.2f} GB: "
           f"{big['single'] / big['reshard']:.2f}x (goal >= 3x)")
     share = big["bytes"] / 2**20 / a.nproc

@@ -63,8 +63,12 @@ class ParallelConfig:
 class IOConfig:
     buffer_mb: float = 512  # exchange budget per rank and round
     max_piece_mb: Optional[float] = None  # default: min(buffer/2, source/(8 N))
-    assign: str = "auto"  # auto: the reader writes what it reads where the format allows; layout: mirror the target layout
+    # auto: a rank writes what it read where the format allows; layout: mirror the target layout
+    assign: str = "auto"
     fsync: bool = True
+    # copy bytes that pass unchanged file-to-file in the kernel (copy_file_range), never through
+    # memory, and write records without zip CRC32; false: read + write every byte, with CRCs
+    kernel_copy: bool = True
     progress: str = "auto"  # auto | bar | log | none
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -119,9 +119,9 @@ class Plan:
 def _intersect(a_off, a_size, b_off, b_size):
     lo = tuple(max(x, y) for x, y in zip(a_off, b_off))
     hi = tuple(min(x + s, y + t) for x, s, y, t in zip(a_off, a_size, b_off, b_size))
-    if any(h <= l for l, h in zip(lo, hi)):
+    if any(b <= a for a, b in zip(lo, hi)):
         return None
-    return lo, tuple(h - l for l, h in zip(lo, hi))
+    return lo, tuple(b - a for a, b in zip(lo, hi))
 
 
 def _pieces_for(pl: Placement, tgt: TargetTensor, index: SourceIndex) -> List[Piece]:

@@ -12,13 +12,12 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
-import torch.distributed as dist
 
 from . import dist as rdist
-from .errors import ConfigError, SourceError
+from .errors import SourceError
 from .exchange import run_exchange
 from .formats import hf, torch_dist
 from .formats.megatron_args import common_state
@@ -149,8 +148,8 @@ def execute(job: Job, cfg, rank: int, world: int, stats: Stats) -> dict:
     reader = SOURCE_FORMATS[job.index.format].Reader(job.source)
     plan = job.plan
 
-    def read(p: Piece) -> torch.Tensor:
-        t = reader.read(p.stored, p.s_off, p.size)
+    def read(p: Piece, into: Optional[torch.Tensor] = None) -> torch.Tensor:
+        t = reader.read(p.stored, p.s_off, p.size, into=into)
         stats["bytes_read"] += p.src_nbytes
         return t if t.dtype == p.dtype else t.to(p.dtype)
 
@@ -168,8 +167,21 @@ def execute(job: Job, cfg, rank: int, world: int, stats: Stats) -> dict:
         with stats.phase("exchange"):
             held = run_exchange(plan, rank, read, device, stats.counters)
 
-        def tensor_of(p: Piece) -> torch.Tensor:
-            t = held.pop(p.id) if p.id in held else read(p)
+        # Pieces read here are written before the next one is read: one scratch buffer serves all,
+        # so the pages are faulted in once instead of once per piece.
+        lazy = [p.src_nbytes for p in mine if p.id not in held]
+        scratch = torch.empty(max(lazy), dtype=torch.uint8) if lazy else None
+
+        def tensor_of(p: Piece):
+            if p.id in held:
+                t = held.pop(p.id)
+            else:
+                span = reader.span(p.stored, p.s_off, p.size) if hasattr(reader, "span") else None
+                if span is not None and p.repeat == 1 and p.dtype == p.stored.dtype and cfg.io.kernel_copy:
+                    stats["bytes_read"] += p.src_nbytes
+                    return torch_dist.FileSpan(*span, p.dtype, p.dst_size,
+                                               lambda: reader.read(p.stored, p.s_off, p.size).reshape(p.dst_size))
+                t = read(p, into=scratch)
             if p.repeat > 1:
                 t = t.expand(p.repeat, *t.shape[1:])
             return t.reshape(p.dst_size)
@@ -180,7 +192,7 @@ def execute(job: Job, cfg, rank: int, world: int, stats: Stats) -> dict:
 
         with stats.phase("write"):
             torch_dist.write(ckpt_dir, rank, world, mine, plan.targets, tensor_of, job.extra_keys,
-                             job.common, cfg.io.fsync, wrote)
+                             job.common, cfg.io.fsync, wrote, fast=cfg.io.kernel_copy)
         progress.close()
         reader.close()
         report = _report(job, cfg, rdist.gather_objects(stats.as_dict()), world)

@@ -45,7 +45,7 @@ def scaled(spec: ModelSpec, gb: float, dtype: torch.dtype) -> ModelSpec:
                                 num_layers=8)
         per_layer = sum(math.prod(v) for k, v in canonical_shapes(s).items() if ".layers.0." in k)
         top = sum(math.prod(v) for k, v in canonical_shapes(s).items() if ".layers." not in k)
-        layers = max(2, round((gb * 1e9 / dtype.itemsize - top) / per_layer))
+        layers = max(4, 4 * round((gb * 1e9 / dtype.itemsize - top) / per_layer / 4))  # splits for pp 1/2/4
         if layers <= 32 or h >= 8192:
             return dataclasses.replace(s, num_layers=int(layers), name=f"synthetic_{gb}gb")
         h *= 2

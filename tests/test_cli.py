@@ -3,7 +3,6 @@ composition, conventional paths, multirun sweeps, rank-aware logging, exit codes
 
 import glob
 import json
-import os
 
 import pytest
 

@@ -98,7 +98,8 @@ def test_spec_from_dict_rejects_unknown_and_missing_fields():
 
 
 @pytest.mark.parametrize("vocab,tp,m,padded", [(32000, 1, 128, 32000), (32000, 8, 128, 32768),
-                                               (128256, 8, 128, 129024), (151936, 1, 128, 151936), (151936, 4, 128, 152064),
+                                               (128256, 8, 128, 129024), (151936, 1, 128, 151936),
+                                               (151936, 4, 128, 152064),
                                                (250, 4, 128, 512), (50257, 2, 64, 50304)])
 def test_padded_vocab_follows_megatron(vocab, tp, m, padded):
     assert Layout(tp=tp, make_vocab_size_divisible_by=m).padded_vocab(vocab) == padded

@@ -115,24 +115,69 @@ def read_index(path: str) -> SourceIndex:
     return SourceIndex(NAME, path, spec, shapes, dtypes, slices, sizes)
 
 
+def _row_span(stored: StoredTensor, offsets, sizes):
+    """Byte range of a rectangle that is a run of whole rows, else None."""
+    if tuple(offsets[1:]) != (0,) * (len(offsets) - 1) or tuple(sizes[1:]) != tuple(stored.shape[1:]):
+        return None
+    row = stored.dtype.itemsize
+    for s in stored.shape[1:]:
+        row *= s
+    return stored.offset + offsets[0] * row, sizes[0] * row if sizes else row
+
+
 class Reader:
-    """Reads rectangles of safetensors tensors; one open handle per file."""
+    """Reads rectangles of safetensors tensors.
+
+    Runs of whole rows (every slice the torch_dist planner asks for) are read with ``pread``
+    straight into a fresh tensor: one copy, and no memory mapping whose touched pages would
+    count against the rank's memory for the rest of the run. Other rectangles go through
+    ``safetensors.safe_open(...).get_slice``.
+    """
 
     def __init__(self, root: str):
         self.root = root
+        self._fds = {}
         self._handles = {}
 
-    def read(self, stored: StoredTensor, offsets, sizes) -> torch.Tensor:
+    def _fd(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(os.path.join(self.root, file), os.O_RDONLY)
+        return fd
+
+    def read(self, stored: StoredTensor, offsets, sizes, into: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The rectangle as a tensor. ``into`` (uint8, large enough) is scratch space to read into
+        instead of a fresh allocation; the result then aliases it."""
+        span = _row_span(stored, offsets, sizes)
+        if span is None:
+            return self._read_slice(stored, offsets, sizes)
+        start, n = span
+        buf = into[:n] if into is not None and into.numel() >= n else torch.empty(n, dtype=torch.uint8)
+        view, fd, done = memoryview(buf.numpy()), self._fd(stored.file), 0
+        while done < n:
+            got = os.preadv(fd, [view[done:]], start + done)
+            if got <= 0:
+                raise SourceError(f"{os.path.join(self.root, stored.file)} ended while reading {stored.key}: "
+                                  "the file was truncated after the run started")
+            done += got
+        return buf.view(stored.dtype).reshape(tuple(sizes))
+
+    def span(self, stored: StoredTensor, offsets, sizes):
+        """``(fd, byte offset, nbytes)`` when the rectangle is one run of bytes of its file."""
+        span = _row_span(stored, offsets, sizes)
+        return None if span is None else (self._fd(stored.file), span[0], span[1])
+
+    def _read_slice(self, stored: StoredTensor, offsets, sizes) -> torch.Tensor:
         from safetensors import safe_open
 
         h = self._handles.get(stored.file)
         if h is None:
-            h = safe_open(os.path.join(self.root, stored.file), framework="pt")
-            self._handles[stored.file] = h
-        if tuple(sizes) == stored.shape:
-            return h.get_tensor(stored.key)
+            h = self._handles[stored.file] = safe_open(os.path.join(self.root, stored.file), framework="pt")
         idx = tuple(slice(o, o + s) for o, s in zip(offsets, sizes))
         return h.get_slice(stored.key)[idx]
 
     def close(self):
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
         self._handles.clear()

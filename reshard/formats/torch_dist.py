@@ -11,12 +11,15 @@ written: ``_extra_state`` objects (``[None]``), the common state as the DCP byte
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import os
-import time
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
@@ -150,6 +153,74 @@ class _PiecePlanner(DefaultSavePlanner):
         return self._resolve(write_item)
 
 
+@dataclass
+class FileSpan:
+    """A target piece whose bytes are exactly ``nbytes`` bytes of an open source file: the
+    writer copies them file-to-file in the kernel (``copy_file_range``) instead of reading
+    them into memory and writing them back. ``load`` reads them for real (the fallback)."""
+
+    fd: int
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: Tuple[int, ...]
+    load: Callable[[], torch.Tensor]
+
+
+_KERNEL_COPY = {"ok": hasattr(os, "copy_file_range")}
+_NO_KERNEL_COPY = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM)
+
+
+def _address(buf) -> int:
+    return np.frombuffer(buf, dtype=np.uint8).ctypes.data if len(buf) else 0
+
+
+class _SpanStream:
+    """The file object torch.save writes a placeholder tensor to: when the placeholder's
+    payload comes by (same address, same size), its bytes are copied from the source file
+    instead; everything else (zip headers, pickle) goes to the file as usual."""
+
+    def __init__(self, f, span: FileSpan, payload_ptr: int):
+        self.f, self.span, self.ptr, self.used = f, span, payload_ptr, False
+
+    def write(self, b) -> int:
+        m = memoryview(b).cast("B")
+        if not self.used and m.nbytes == self.span.nbytes and _address(m) == self.ptr:
+            self.used = True
+            self._copy()
+            return m.nbytes
+        return self.f.write(m)
+
+    def _copy(self) -> None:
+        sp, f = self.span, self.f
+        f.flush()
+        pos, done = f.tell(), 0
+        while done < sp.nbytes and _KERNEL_COPY["ok"]:
+            try:
+                n = os.copy_file_range(sp.fd, f.fileno(), sp.nbytes - done, sp.offset + done, pos + done)
+            except OSError as e:
+                if e.errno not in _NO_KERNEL_COPY:
+                    raise
+                _KERNEL_COPY["ok"] = False  # e.g. across file systems: use plain reads from now on
+                break
+            if n == 0:
+                raise OSError(errno.EIO, "source file ended during copy (truncated while running?)")
+            done += n
+        f.seek(pos + done)
+        while done < sp.nbytes:
+            chunk = os.pread(sp.fd, min(64 << 20, sp.nbytes - done), sp.offset + done)
+            if not chunk:
+                raise OSError(errno.EIO, "source file ended during copy (truncated while running?)")
+            f.write(chunk)
+            done += len(chunk)
+
+    def flush(self):
+        self.f.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
 class _StreamingWriter(FileSystemWriter):
     """FileSystemWriter that streams items to one file per rank and drops each tensor as soon
     as it is written (the stock writer keeps every tensor of a file alive until the end)."""
@@ -157,6 +228,7 @@ class _StreamingWriter(FileSystemWriter):
     def __init__(self, path: str, fsync: bool, on_bytes: Callable[[int], None]):
         super().__init__(path, single_file_per_rank=True, sync_files=fsync, thread_count=1, overwrite=True)
         self._fsync, self._on_bytes = fsync, on_bytes
+        self._scratch = None  # address space for placeholders; never written, so never resident
 
     def write_data(self, plan: SavePlan, planner) -> Future:
         name = f"{plan.storage_data.prefix}0.distcp"
@@ -167,10 +239,11 @@ class _StreamingWriter(FileSystemWriter):
                 offset = stream.tell()
                 if item.type == WriteItemType.BYTE_IO:
                     stream.write(data.getbuffer())
+                elif isinstance(data, FileSpan):
+                    self._save_span(stream, data)
+                    self._on_bytes(data.nbytes)
                 else:
-                    data = data.detach().cpu()
-                    if data.untyped_storage().nbytes() != data.nbytes or not data.is_contiguous():
-                        data = data.clone(memory_format=torch.contiguous_format)
+                    data = _exact_storage(data.detach().cpu())
                     torch.save(data, stream)
                     self._on_bytes(data.nbytes)
                 length = stream.tell() - offset
@@ -184,6 +257,59 @@ class _StreamingWriter(FileSystemWriter):
         fut.set_result(results)
         return fut
 
+    def _save_span(self, stream, span: FileSpan) -> None:
+        """torch.save a placeholder (never touched memory) whose payload the stream copies from
+        the source file; if torch.save did not write the payload in one piece, redo it with the
+        real bytes, so the record is right either way."""
+        if _crc_config() is None or _crc_config().save.compute_crc32:
+            torch.save(_exact_storage(span.load()), stream)  # a CRC needs the real bytes in memory
+            return
+        if self._scratch is None or self._scratch.numel() < span.nbytes:
+            self._scratch = torch.empty(span.nbytes, dtype=torch.uint8)
+        sub = self._scratch.untyped_storage()[0:span.nbytes]
+        placeholder = torch.empty(0, dtype=span.dtype).set_(sub, 0, span.shape)
+        start = stream.tell()
+        s = _SpanStream(stream, span, placeholder.data_ptr())
+        torch.save(placeholder, s)
+        if not s.used:
+            stream.seek(start)
+            stream.truncate()
+            torch.save(_exact_storage(span.load()), stream)
+
+
+def _exact_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on a storage of exactly its own bytes: torch.save writes a tensor's whole storage,
+    and pieces are often views into a larger read or receive buffer. No copy when contiguous."""
+    if not t.is_contiguous():
+        return t.contiguous()
+    if t.untyped_storage().nbytes() == t.nbytes:
+        return t
+    start = t.storage_offset() * t.element_size()
+    sub = t.untyped_storage()[start:start + t.nbytes]
+    return torch.empty(0, dtype=t.dtype).set_(sub, 0, t.shape)
+
+
+def _crc_config():
+    cfg = getattr(getattr(torch.utils, "serialization", None), "config", None)
+    return cfg if cfg is not None and hasattr(cfg.save, "compute_crc32") else None
+
+
+@contextlib.contextmanager
+def _no_crc32(enabled: bool = True):
+    """Skip the zip CRC32 of every record torch.save writes (torch's own option; it halves the
+    time of big records and lets payloads be copied without reading them). Checked here: DCP and
+    Megatron-core read such files."""
+    cfg = _crc_config()
+    if cfg is None or not enabled:
+        yield
+        return
+    old = cfg.save.compute_crc32
+    cfg.save.compute_crc32 = False
+    try:
+        yield
+    finally:
+        cfg.save.compute_crc32 = old
+
 
 def _bytes(obj) -> io.BytesIO:
     buf = io.BytesIO()
@@ -194,7 +320,7 @@ def _bytes(obj) -> io.BytesIO:
 
 def write(ckpt_dir: str, rank: int, world: int, pieces: Sequence[Piece], tgts: Dict[str, TargetTensor],
           tensor_of: Callable[[Piece], torch.Tensor], extra_keys: Sequence[str], common: dict,
-          fsync: bool = True, on_bytes: Callable[[int], None] = lambda n: None) -> None:
+          fsync: bool = True, on_bytes: Callable[[int], None] = lambda n: None, fast: bool = True) -> None:
     """Collective: every rank writes its pieces; rank 0 adds the common state."""
     items: List[WriteItem] = []
     objects: Dict[str, object] = {}
@@ -215,8 +341,9 @@ def write(ckpt_dir: str, rank: int, world: int, pieces: Sequence[Piece], tgts: D
             return _bytes(objects[item.index.fqn])
         return tensor_of(by_index[(item.index.fqn, tuple(item.index.offset))])
 
-    dcp.save({}, storage_writer=_StreamingWriter(ckpt_dir, fsync, on_bytes),
-             planner=_PiecePlanner(items, resolve))
+    with _no_crc32(fast):
+        dcp.save({}, storage_writer=_StreamingWriter(ckpt_dir, fsync, on_bytes),
+                 planner=_PiecePlanner(items, resolve))
     if rank == 0:
         with open(os.path.join(ckpt_dir, "metadata.json"), "w") as f:
             json.dump(METADATA_JSON, f)

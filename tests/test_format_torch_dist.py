@@ -1,0 +1,69 @@
+"""The torch_dist writer's byte paths: file-to-file kernel copies, their fallbacks, and
+pieces that are views into larger buffers - each must give the same checkpoint."""
+
+import os
+
+import pytest
+import torch
+
+from reshard import config
+from reshard.formats import torch_dist
+from reshard.run import convert
+from reshard.synthetic import load_preset, write_hf
+
+from expected import expected_torch_dist, load_hf, read_dcp
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("td") / "hf")
+    write_hf(path, load_preset("tiny_qwen2"), dtype=torch.bfloat16, shards=2)
+    return path
+
+
+def _convert_and_check(src, out, *extra):
+    cfg = config.compose([f"source.path={src}", f"target.path={out}", "parallel.target_tp=2", "io.progress=none",
+                          f"paths.root={os.path.dirname(out)}", *extra])
+    report = convert(cfg)
+    tensors, objects = read_dcp(os.path.join(out, "release"))
+    spec = objects["common_state/shard_0_1"][0]["reshard"]["spec"]
+    expected = expected_torch_dist(load_hf(src), spec, 512)
+    assert sorted(tensors) == sorted(expected)
+    for k, v in expected.items():
+        assert torch.equal(tensors[k], v), k
+    return report
+
+
+def test_kernel_copy_and_plain_writes_give_identical_files(src, tmp_path):
+    _convert_and_check(src, str(tmp_path / "a"))
+    _convert_and_check(src, str(tmp_path / "b"), "io.kernel_copy=false")
+    fa, fb = (open(tmp_path / x / "release" / "__0_0.distcp", "rb").read() for x in "ab")
+    assert fa == fb
+
+
+def test_when_the_kernel_refuses_to_copy_bytes_are_read_and_written(src, tmp_path, monkeypatch):
+    import errno
+
+    def refuse(*a):
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    monkeypatch.setitem(torch_dist._KERNEL_COPY, "ok", True)
+    _convert_and_check(src, str(tmp_path / "xdev"))
+    assert torch_dist._KERNEL_COPY["ok"] is False
+
+
+def test_if_torch_save_never_hands_over_the_payload_the_record_is_rewritten_with_real_bytes(src, tmp_path,
+                                                                                          monkeypatch):
+    monkeypatch.setattr(torch_dist, "_address", lambda buf: -1)  # no write ever matches the placeholder
+    _convert_and_check(src, str(tmp_path / "redo"))
+
+
+def test_a_view_into_a_larger_buffer_is_saved_as_its_own_bytes_only():
+    big = torch.arange(100, dtype=torch.float32)
+    view = big[10:30].reshape(4, 5)
+    exact = torch_dist._exact_storage(view)
+    assert exact.untyped_storage().nbytes() == 80 and exact.data_ptr() == view.data_ptr()
+    assert torch.equal(exact, view)
+    strided = big.reshape(10, 10)[:, :3]
+    assert torch.equal(torch_dist._exact_storage(strided), strided)
