@@ -21,7 +21,8 @@ class Stats:
     """Bytes moved and seconds per phase, for one rank."""
 
     def __init__(self):
-        self.counters: Dict[str, float] = dict(bytes_read=0, bytes_sent=0, bytes_received=0, bytes_written=0)
+        self.counters: Dict[str, float] = dict(bytes_read=0, bytes_sent=0, bytes_received=0, bytes_written=0,
+                                                  bytes_kernel_copied=0)
         self.seconds: Dict[str, float] = {}
 
     def __getitem__(self, k):

@@ -186,8 +186,9 @@ def execute(job: Job, cfg, rank: int, world: int, stats: Stats) -> dict:
                 t = t.expand(p.repeat, *t.shape[1:])
             return t.reshape(p.dst_size)
 
-        def wrote(n: int) -> None:
+        def wrote(n: int, kernel_copied: int) -> None:
             stats["bytes_written"] += n
+            stats["bytes_kernel_copied"] += kernel_copied
             progress.update(n)
 
         with stats.phase("write"):
@@ -225,7 +226,7 @@ def _report(job: Job, cfg, per_rank: List[dict], world: int) -> dict:
         "buffer_bytes": job.plan.buffer_bytes,
         "ranks": per_rank,
         "totals": {k: sum(r[k] for r in per_rank) for k in
-                   ("bytes_read", "bytes_sent", "bytes_received", "bytes_written")},
+                   ("bytes_read", "bytes_sent", "bytes_received", "bytes_written", "bytes_kernel_copied")},
     }
 
 

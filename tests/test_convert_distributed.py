@@ -110,4 +110,9 @@ def test_hf_to_torch_dist_is_exact_for_every_family_layout_and_world_size(
         assert report["rounds"] > 1
     if "io.assign=layout" not in extra:
         assert report["totals"]["bytes_sent"] == 0  # each rank writes what it read
+    copied = report["totals"]["bytes_kernel_copied"]
+    if cast or "io.kernel_copy=false" in extra:
+        assert copied == 0
+    elif "io.assign=layout" not in extra:
+        assert copied > 0.5 * source_bytes  # unchanged bytes go file to file
 

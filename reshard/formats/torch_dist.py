@@ -182,6 +182,7 @@ class _SpanStream:
 
     def __init__(self, f, span: FileSpan, payload_ptr: int):
         self.f, self.span, self.ptr, self.used = f, span, payload_ptr, False
+        self.kernel_bytes = 0
 
     def write(self, b) -> int:
         m = memoryview(b).cast("B")
@@ -206,6 +207,7 @@ class _SpanStream:
             if n == 0:
                 raise OSError(errno.EIO, "source file ended during copy (truncated while running?)")
             done += n
+        self.kernel_bytes = done
         f.seek(pos + done)
         while done < sp.nbytes:
             chunk = os.pread(sp.fd, min(64 << 20, sp.nbytes - done), sp.offset + done)
@@ -225,7 +227,7 @@ class _StreamingWriter(FileSystemWriter):
     """FileSystemWriter that streams items to one file per rank and drops each tensor as soon
     as it is written (the stock writer keeps every tensor of a file alive until the end)."""
 
-    def __init__(self, path: str, fsync: bool, on_bytes: Callable[[int], None]):
+    def __init__(self, path: str, fsync: bool, on_bytes: Callable[[int, int], None]):
         super().__init__(path, single_file_per_rank=True, sync_files=fsync, thread_count=1, overwrite=True)
         self._fsync, self._on_bytes = fsync, on_bytes
         self._scratch = None  # address space for placeholders; never written, so never resident
@@ -240,12 +242,11 @@ class _StreamingWriter(FileSystemWriter):
                 if item.type == WriteItemType.BYTE_IO:
                     stream.write(data.getbuffer())
                 elif isinstance(data, FileSpan):
-                    self._save_span(stream, data)
-                    self._on_bytes(data.nbytes)
+                    self._on_bytes(data.nbytes, self._save_span(stream, data))
                 else:
                     data = _exact_storage(data.detach().cpu())
                     torch.save(data, stream)
-                    self._on_bytes(data.nbytes)
+                    self._on_bytes(data.nbytes, 0)
                 length = stream.tell() - offset
                 results.append(WriteResult(index=item.index, size_in_bytes=length,
                                            storage_data=_StorageInfo(name, offset, length)))
@@ -257,13 +258,13 @@ class _StreamingWriter(FileSystemWriter):
         fut.set_result(results)
         return fut
 
-    def _save_span(self, stream, span: FileSpan) -> None:
+    def _save_span(self, stream, span: FileSpan) -> int:
         """torch.save a placeholder (never touched memory) whose payload the stream copies from
         the source file; if torch.save did not write the payload in one piece, redo it with the
-        real bytes, so the record is right either way."""
+        real bytes, so the record is right either way. Returns the bytes the kernel copied."""
         if _crc_config() is None or _crc_config().save.compute_crc32:
             torch.save(_exact_storage(span.load()), stream)  # a CRC needs the real bytes in memory
-            return
+            return 0
         if self._scratch is None or self._scratch.numel() < span.nbytes:
             self._scratch = torch.empty(span.nbytes, dtype=torch.uint8)
         sub = self._scratch.untyped_storage()[0:span.nbytes]
@@ -275,6 +276,8 @@ class _StreamingWriter(FileSystemWriter):
             stream.seek(start)
             stream.truncate()
             torch.save(_exact_storage(span.load()), stream)
+            return 0
+        return s.kernel_bytes
 
 
 def _exact_storage(t: torch.Tensor) -> torch.Tensor:
@@ -290,8 +293,12 @@ def _exact_storage(t: torch.Tensor) -> torch.Tensor:
 
 
 def _crc_config():
-    cfg = getattr(getattr(torch.utils, "serialization", None), "config", None)
-    return cfg if cfg is not None and hasattr(cfg.save, "compute_crc32") else None
+    """torch's serialization config when it can switch CRC32 off (torch >= 2.5), else None."""
+    try:
+        from torch.utils.serialization import config as cfg
+    except ImportError:
+        return None
+    return cfg if hasattr(cfg.save, "compute_crc32") else None
 
 
 @contextlib.contextmanager
@@ -320,7 +327,7 @@ def _bytes(obj) -> io.BytesIO:
 
 def write(ckpt_dir: str, rank: int, world: int, pieces: Sequence[Piece], tgts: Dict[str, TargetTensor],
           tensor_of: Callable[[Piece], torch.Tensor], extra_keys: Sequence[str], common: dict,
-          fsync: bool = True, on_bytes: Callable[[int], None] = lambda n: None, fast: bool = True) -> None:
+          fsync: bool = True, on_bytes: Callable[[int, int], None] = lambda n, k: None, fast: bool = True) -> None:
     """Collective: every rank writes its pieces; rank 0 adds the common state."""
     items: List[WriteItem] = []
     objects: Dict[str, object] = {}
