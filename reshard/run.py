@@ -176,7 +176,7 @@ def execute(job: Job, cfg, rank: int, world: int, stats: Stats) -> dict:
             if p.id in held:
                 t = held.pop(p.id)
             else:
-                span = reader.span(p.stored, p.s_off, p.size) if hasattr(reader, "span") else None
+                span = reader.span(p.stored, p.s_off, p.size)
                 if span is not None and p.repeat == 1 and p.dtype == p.stored.dtype and cfg.io.kernel_copy:
                     stats["bytes_read"] += p.src_nbytes
                     return torch_dist.FileSpan(*span, p.dtype, p.dst_size,

@@ -4,7 +4,9 @@ A format module offers the same verbs (DESIGN.md "Format"):
 
 * ``detect(path) -> bool`` - is this directory in my format (metadata only)?
 * ``read_index(path, ...) -> SourceIndex`` - spec and where every canonical tensor lives.
-* a reader: ``read(stored, offsets, sizes) -> Tensor`` for one rectangle of a stored tensor.
+* a reader: ``read(stored, offsets, sizes) -> Tensor`` for one rectangle of a stored tensor,
+  and ``span(stored, offsets, sizes) -> (fd, offset, nbytes) | None`` when that rectangle is
+  one run of raw bytes in its file (the writer may then copy it without reading it).
 * a writer: ``targets(...)`` (the target tensors and how canonical rectangles land in
   them), and ``write(...)`` run collectively by every rank.
 """
