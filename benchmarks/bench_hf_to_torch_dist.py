@@ -82,9 +82,9 @@ def bench_size(work: str, gb: float, repeat: int, nproc: int, buffer_mb: int) ->
 
 def baseline_rss_mb() -> float:
     """RSS of an idle interpreter that imported what a rank imports (the fixed part)."""
-    code = ("import resource, torch, torch.distributed.checkpoint, hydra, safetensors;"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)")
-    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout)
+    code = ("import torch, torch.distributed.checkpoint, hydra, safetensors; from reshard.progress import peak_rss_mb;"
+            "print(peak_rss_mb())")
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV).stdout)
 
 
 def main():

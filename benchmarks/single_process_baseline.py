@@ -9,7 +9,6 @@ Prints ``peak_rss_mb=<n>`` at the end.
 
 import json
 import os
-import resource
 import sys
 
 import torch
@@ -17,6 +16,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+from reshard.progress import peak_rss_mb  # noqa: E402
 from reshard.transforms import merge_gated, merge_qkv, pad_vocab  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def main():
         sd["decoder.layers." + names[k]] = torch.stack(ts)
     os.makedirs(dst, exist_ok=True)
     dcp.save(sd, storage_writer=dcp.FileSystemWriter(dst, sync_files=False), no_dist=True)
-    print(f"peak_rss_mb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
+    print(f"peak_rss_mb={peak_rss_mb():.0f}")
 
 
 if __name__ == "__main__":

@@ -31,3 +31,7 @@ class UnsupportedError(ReshardError):
 
 class PeerError(ReshardError):
     """Another rank failed; its own log holds the cause."""
+
+
+class WriteError(ReshardError):
+    """Writing the target failed on at least one rank; nothing was committed."""

@@ -13,7 +13,18 @@ log = logging.getLogger("reshard")
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set of this process so far (Linux reports KiB)."""
+    """Peak resident set of this process so far.
+
+    ``VmHWM`` from /proc is per address space, so it starts afresh at exec; ``ru_maxrss`` (the
+    fallback) survives exec on Linux and would report the launcher's peak as the rank's.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

@@ -12,7 +12,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -142,71 +142,88 @@ def _iteration_dir(iteration: Optional[int]) -> str:
     return "release" if iteration is None else f"iter_{iteration:07d}"
 
 
-def execute(job: Job, cfg, rank: int, world: int, stats: Stats) -> dict:
-    """The data phase and the commit. Collective."""
-    device = torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
-    reader = SOURCE_FORMATS[job.index.format].Reader(job.source)
-    plan = job.plan
+class PieceSource:
+    """Where this rank gets the bytes of a piece: received in the exchange, read from the
+    source, or - for bytes that pass unchanged - a file span the writer copies in the kernel."""
 
-    def read(p: Piece, into: Optional[torch.Tensor] = None) -> torch.Tensor:
-        t = reader.read(p.stored, p.s_off, p.size, into=into)
-        stats["bytes_read"] += p.src_nbytes
+    def __init__(self, reader, stats: Stats, kernel_copy: bool):
+        self.reader, self.stats, self.kernel_copy = reader, stats, kernel_copy
+        self.held: Dict[int, torch.Tensor] = {}
+        self.scratch: Optional[torch.Tensor] = None
+
+    def read(self, p: Piece, into: Optional[torch.Tensor] = None) -> torch.Tensor:
+        t = self.reader.read(p.stored, p.s_off, p.size, into=into)
+        self.stats["bytes_read"] += p.src_nbytes
         return t if t.dtype == p.dtype else t.to(p.dtype)
 
-    mine = plan.written_by(rank)
-    progress = Progress(sum(p.out_nbytes * p.repeat for p in mine), "rank 0 writing",
-                        cfg.io.progress, enabled=rank == 0)
+    def prepare(self, mine: List[Piece]) -> None:
+        # Pieces read while writing are written before the next is read: one scratch buffer
+        # serves them all, so its pages are faulted in once, not once per piece.
+        lazy = [p.src_nbytes for p in mine if p.id not in self.held]
+        self.scratch = torch.empty(max(lazy), dtype=torch.uint8) if lazy else None
+
+    def payload(self, p: Piece):
+        """The piece in its target shape, or a :class:`torch_dist.FileSpan`."""
+        if p.id in self.held:
+            t = self.held.pop(p.id)
+        else:
+            span = self.reader.span(p.stored, p.s_off, p.size)
+            if span is not None and self.kernel_copy and p.repeat == 1 and p.dtype == p.stored.dtype:
+                self.stats["bytes_read"] += p.src_nbytes
+                return torch_dist.FileSpan(*span, p.dtype, p.dst_size, lambda: self.read(p).reshape(p.dst_size))
+            t = self.read(p, into=self.scratch)
+        if p.repeat > 1:
+            t = t.expand(p.repeat, *t.shape[1:])
+        return t.reshape(p.dst_size)
+
+
+def execute(job: Job, cfg, rank: int, world: int, stats: Stats) -> dict:
+    """The data phase and the commit. Collective; on any rank's failure nothing is committed."""
     run_id = rdist.broadcast_object(uuid.uuid4().hex[:12] if rank == 0 else None)
     stage = staging_dir(job.target, run_id)
-    ckpt_dir = os.path.join(stage, _iteration_dir(job.iteration))
-    ok = False
+    err, report = None, None
     try:
-        if rank == 0:
-            os.makedirs(ckpt_dir)
-        rdist.agree(True, "creating the staging directory")
-        with stats.phase("exchange"):
-            held = run_exchange(plan, rank, read, device, stats.counters)
-
-        # Pieces read here are written before the next one is read: one scratch buffer serves all,
-        # so the pages are faulted in once instead of once per piece.
-        lazy = [p.src_nbytes for p in mine if p.id not in held]
-        scratch = torch.empty(max(lazy), dtype=torch.uint8) if lazy else None
-
-        def tensor_of(p: Piece):
-            if p.id in held:
-                t = held.pop(p.id)
-            else:
-                span = reader.span(p.stored, p.s_off, p.size)
-                if span is not None and p.repeat == 1 and p.dtype == p.stored.dtype and cfg.io.kernel_copy:
-                    stats["bytes_read"] += p.src_nbytes
-                    return torch_dist.FileSpan(*span, p.dtype, p.dst_size,
-                                               lambda: reader.read(p.stored, p.s_off, p.size).reshape(p.dst_size))
-                t = read(p, into=scratch)
-            if p.repeat > 1:
-                t = t.expand(p.repeat, *t.shape[1:])
-            return t.reshape(p.dst_size)
-
-        def wrote(n: int, kernel_copied: int) -> None:
-            stats["bytes_written"] += n
-            stats["bytes_kernel_copied"] += kernel_copied
-            progress.update(n)
-
-        with stats.phase("write"):
-            torch_dist.write(ckpt_dir, rank, world, mine, plan.targets, tensor_of, job.extra_keys,
-                             job.common, cfg.io.fsync, wrote, fast=cfg.io.kernel_copy)
-        progress.close()
-        reader.close()
-        report = _report(job, cfg, rdist.gather_objects(stats.as_dict()), world)
+        report = _write_staged(job, cfg, rank, world, stats, os.path.join(stage, _iteration_dir(job.iteration)))
         if rank == 0:
             with stats.phase("commit"):
                 _finish(stage, job, report)
                 commit(stage, job.target)
-        ok = True
-    finally:
-        if not ok and rank == 0:
-            discard(stage)
-    rdist.agree(True, "commit")
+    except Exception as e:  # every rank must still take part in the verdict below
+        err = e
+    if err is not None and rank == 0:
+        discard(stage)
+    rdist.agree(err is None, "writing the target")
+    if err is not None:
+        raise err
     return report
+
+
+def _write_staged(job: Job, cfg, rank: int, world: int, stats: Stats, ckpt_dir: str) -> dict:
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
+    source = PieceSource(SOURCE_FORMATS[job.index.format].Reader(job.source), stats, cfg.io.kernel_copy)
+    mine = job.plan.written_by(rank)
+    progress = Progress(sum(p.out_nbytes * p.repeat for p in mine), "rank 0 writing", cfg.io.progress,
+                        enabled=rank == 0)
+    if rank == 0:
+        os.makedirs(ckpt_dir)
+    rdist.agree(True, "creating the staging directory")
+    with stats.phase("exchange"):
+        source.held = run_exchange(job.plan, rank, source.read, device, stats.counters)
+    source.prepare(mine)
+
+    def wrote(n: int, kernel_copied: int) -> None:
+        stats["bytes_written"] += n
+        stats["bytes_kernel_copied"] += kernel_copied
+        progress.update(n)
+
+    try:
+        with stats.phase("write"):
+            torch_dist.write(ckpt_dir, rank, world, mine, job.plan.targets, source.payload, job.extra_keys,
+                             job.common, cfg.io.fsync, wrote, fast=cfg.io.kernel_copy)
+    finally:
+        progress.close()
+        source.reader.close()
+    return _report(job, cfg, rdist.gather_objects(stats.as_dict()), world)
 
 
 def _report(job: Job, cfg, per_rank: List[dict], world: int) -> dict:

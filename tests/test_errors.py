@@ -221,3 +221,17 @@ def test_a_committed_target_holds_the_checkpoint_the_tracker_and_the_report(tmp_
     shutil.copytree(out, tmp_path / "copy")
     assert sorted(os.listdir(tmp_path / "copy")) == ["latest_checkpointed_iteration.txt", "release",
                                                      "reshard_report.json"]
+
+
+@pytest.mark.parametrize("phase,failing", [("write", 1), ("exchange", 2), ("commit", 0)])
+def test_a_failure_on_one_rank_stops_every_rank_and_commits_nothing(tmp_path, src, phase, failing):
+    from conftest import REPO, run_torchrun
+
+    out = str(tmp_path / "out")
+    p = run_torchrun(3, [os.path.join(REPO, "tests", "drivers", "fail_on_rank.py"), src, out, str(failing), phase],
+                     timeout=240, check=False)
+    assert p.returncode != 0
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RANK")]
+    assert len(lines) == 3 and all("FAILED" in ln for ln in lines), p.stdout + p.stderr[-3000:]
+    assert any(f"injected failure on rank {failing}" in ln for ln in lines)
+    _nothing_left(out)

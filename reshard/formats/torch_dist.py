@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import FileSystemWriter, _StorageInfo
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
@@ -29,6 +30,7 @@ from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, Writ
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
+from ..errors import WriteError
 from ..layout import Layout
 from ..mapping import MappingTable
 from ..plan import Piece, Placement, TargetTensor
@@ -348,9 +350,13 @@ def write(ckpt_dir: str, rank: int, world: int, pieces: Sequence[Piece], tgts: D
             return _bytes(objects[item.index.fqn])
         return tensor_of(by_index[(item.index.fqn, tuple(item.index.offset))])
 
-    with _no_crc32(fast):
-        dcp.save({}, storage_writer=_StreamingWriter(ckpt_dir, fsync, on_bytes),
-                 planner=_PiecePlanner(items, resolve))
+    try:
+        with _no_crc32(fast):
+            dcp.save({}, storage_writer=_StreamingWriter(ckpt_dir, fsync, on_bytes),
+                     planner=_PiecePlanner(items, resolve))
+    except CheckpointException as e:  # a BaseException in torch: turn it into an ordinary error
+        causes = "; ".join(f"rank {r}: {type(x).__name__}: {x}" for r, x in sorted(e.failures.items()))
+        raise WriteError(f"writing {ckpt_dir} failed ({causes}); nothing was committed") from None
     if rank == 0:
         with open(os.path.join(ckpt_dir, "metadata.json"), "w") as f:
             json.dump(METADATA_JSON, f)
