@@ -19,7 +19,7 @@ def summarize(target: str) -> str:
         f"layout: tp={lay['tp']} pp={lay['pp']} vpp={lay['vpp']} on {r['world_size']} rank(s); "
         f"{r['pieces']} pieces, {r['rounds']} exchange round(s)",
         f"bytes: read {t['bytes_read']}, sent {t['bytes_sent']}, received {t['bytes_received']}, "
-        f"written {t['bytes_written']}",
+        f"written {t['bytes_written']} ({t.get('bytes_kernel_copied', 0)} copied file to file by the kernel)",
     ]
     for rk in r["ranks"]:
         secs = ", ".join(f"{k} {v:.2f}s" for k, v in rk["seconds"].items())

@@ -16,20 +16,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir))
 
-from safetensors import safe_open  # noqa: E402
-
 from reshard.transforms import gated_tp_shard, merge_gated, merge_qkv, pad_vocab  # noqa: E402
+from tests.expected import load_hf  # noqa: E402
 from tests.referees import mcore  # noqa: E402
-
-
-def load_hf(hf_dir):
-    out = {}
-    for f in sorted(os.listdir(hf_dir)):
-        if f.endswith(".safetensors"):
-            with safe_open(os.path.join(hf_dir, f), "pt") as h:
-                for k in h.keys():
-                    out[k] = h.get_tensor(k)
-    return out
 
 
 def expected_local(name, hf, spec, tp, tp_rank, layer_offset, padded):
