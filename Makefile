@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: setup demo test bench clean
+.PHONY: setup slurm-deps demo test bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -26,11 +26,24 @@ demo: setup
 		+model=tiny_llama3 parallel.target_tp=2 parallel.target_pp=2
 	$(PY) -m reshard.report demo/tiny_llama3/torch_dist_tp2_pp2
 
-test: setup
+# The Slurm tests start a real single-node cluster: they need Debian's slurm-wlm and munge.
+slurm-deps:
+	@if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing slurm-wlm and munge for the Slurm tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      slurm-wlm munge >/dev/null; \
+	  else echo "the Slurm tests need slurm-wlm and munge: sudo apt-get install slurm-wlm munge" >&2; exit 1; fi; \
+	fi
+
+test: setup slurm-deps
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 bench: setup
 	$(PY) benchmarks/bench_hf_to_torch_dist.py
+
+gpu-check: setup
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf demo checkpoints outputs multirun .pytest_cache

@@ -53,9 +53,9 @@ def bench_size(work: str, gb: float, repeat: int, nproc: int, buffer_mb: int) ->
     size = sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src))
     out = {"gb": gb, "bytes": size}
     best = lambda xs: min(xs)  # noqa: E731
-    for name in ("cp", "reshard", "single"):
-        times = []
-        for _ in range(repeat):
+    times = {name: [] for name in ("cp", "reshard", "single")}
+    for _ in range(repeat):  # interleaved, so that drift of the machine hits every method alike
+        for name in times:
             dst = os.path.join(work, f"m{gb}", f"out_{name}")
             shutil.rmtree(dst, ignore_errors=True)
             if name == "cp":
@@ -71,12 +71,15 @@ def bench_size(work: str, gb: float, repeat: int, nproc: int, buffer_mb: int) ->
                 out["rss"] = [r["peak_rss_mb"] for r in rep["ranks"]]
                 out["read"] = rep["totals"]["bytes_read"]
                 out["sent"] = rep["totals"]["bytes_sent"]
+                out["kernel"] = rep["totals"]["bytes_kernel_copied"]
             else:
                 dt, log = timed([sys.executable, os.path.join(HERE, "single_process_baseline.py"), src, dst, "2"])
                 out["single_rss"] = float(re.search(r"peak_rss_mb=(\d+)", log).group(1))
-            times.append(dt)
+            times[name].append(dt)
             shutil.rmtree(dst, ignore_errors=True)
-        out[name] = best(times)
+    for name, ts in times.items():
+        out[name] = best(ts)
+        out[name + "_all"] = [round(t, 2) for t in ts]
     return out
 
 
@@ -125,7 +128,11 @@ def main():
           f"size/N = {share:.0f} MB, exchange buffer = {a.buffer_mb} MB, bytes exchanged = {big['sent']}, "
           f"idle interpreter with torch = {base_rss:.0f} MB; above idle: "
           f"{[round(x - base_rss) for x in big['rss']]} MB")
-    print(f"bytes read / source bytes: {big['read'] / big['bytes']:.4f} (safetensors headers are the rest)")
+    print(f"bytes read / source bytes: {big['read'] / big['bytes']:.4f} (safetensors headers are the rest); "
+          f"copied file to file by the kernel: {big['kernel'] / big['read']:.3f} of it")
+    for r in (small, big):
+        print(f"all runs at {r['bytes'] / 1e9:.2f} GB: cp {r['cp_all']}, reshard {r['reshard_all']}, "
+              f"single {r['single_all']}")
 
 
 if __name__ == "__main__":

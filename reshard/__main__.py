@@ -61,8 +61,10 @@ def job(cfg: DictConfig) -> None:
         config.validate(cfg)
         convert(cfg)
     except ReshardError as e:
-        _failures.append(str(cfg.target.path))
         log.error("%s: %s", type(e).__name__, e)
+        if os.environ.get("SUBMITIT_EXECUTOR"):
+            raise  # one Slurm job per sweep point: the job itself must fail so the sweep sees it
+        _failures.append(str(cfg.target.path))
 
 
 def main() -> int:

@@ -146,14 +146,17 @@ class PieceSource:
     """Where this rank gets the bytes of a piece: received in the exchange, read from the
     source, or - for bytes that pass unchanged - a file span the writer copies in the kernel."""
 
-    def __init__(self, reader, stats: Stats, kernel_copy: bool):
-        self.reader, self.stats, self.kernel_copy = reader, stats, kernel_copy
+    def __init__(self, reader, stats: Stats, kernel_copy: bool, device: torch.device):
+        self.reader, self.stats, self.kernel_copy, self.device = reader, stats, kernel_copy, device
         self.held: Dict[int, torch.Tensor] = {}
         self.scratch: Optional[torch.Tensor] = None
 
     def read(self, p: Piece, into: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The piece in the target dtype; on ``device=cuda`` it lives (and is cast) on the GPU."""
         t = self.reader.read(p.stored, p.s_off, p.size, into=into)
         self.stats["bytes_read"] += p.src_nbytes
+        if self.device.type == "cuda":  # through pinned memory: an asynchronous copy, and `into` is free at once
+            t = t.pin_memory().to(self.device, non_blocking=True)
         return t if t.dtype == p.dtype else t.to(p.dtype)
 
     def prepare(self, mine: List[Piece]) -> None:
@@ -200,7 +203,7 @@ def execute(job: Job, cfg, rank: int, world: int, stats: Stats) -> dict:
 
 def _write_staged(job: Job, cfg, rank: int, world: int, stats: Stats, ckpt_dir: str) -> dict:
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
-    source = PieceSource(SOURCE_FORMATS[job.index.format].Reader(job.source), stats, cfg.io.kernel_copy)
+    source = PieceSource(SOURCE_FORMATS[job.index.format].Reader(job.source), stats, cfg.io.kernel_copy, device)
     mine = job.plan.written_by(rank)
     progress = Progress(sum(p.out_nbytes * p.repeat for p in mine), "rank 0 writing", cfg.io.progress,
                         enabled=rank == 0)

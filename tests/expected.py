@@ -3,14 +3,12 @@ tensors with the pure transforms (never with reshard's planner), and a plain-DCP
 
 from __future__ import annotations
 
-import io
 import os
 
 import torch
-import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
+from reshard.formats.torch_dist import load_full
 from reshard.transforms import merge_gated, merge_qkv, pad_vocab
 
 
@@ -50,20 +48,4 @@ def expected_torch_dist(hf: dict, spec: dict, padded_vocab: int) -> dict:
 
 def read_dcp(ckpt_dir: str):
     """(tensors, objects) of a DCP checkpoint, read with plain torch.distributed.checkpoint."""
-    reader = dcp.FileSystemReader(ckpt_dir)
-    md = reader.read_metadata()
-    tensors, objects = {}, {}
-    for k, m in md.state_dict_metadata.items():
-        if isinstance(m, TensorStorageMetadata):
-            tensors[k] = torch.empty(m.size, dtype=m.properties.dtype)
-        elif isinstance(m, BytesStorageMetadata):
-            objects[k] = io.BytesIO()
-    state = {**tensors, **objects}
-    dcp.load(state, storage_reader=reader, no_dist=True)
-    for k in objects:
-        v = state[k]  # the default planner torch.loads byte entries in place
-        if isinstance(v, io.BytesIO):
-            v.seek(0)
-            v = torch.load(v, weights_only=False)
-        objects[k] = v
-    return tensors, objects
+    return load_full(ckpt_dir)

@@ -360,3 +360,29 @@ def write(ckpt_dir: str, rank: int, world: int, pieces: Sequence[Piece], tgts: D
     if rank == 0:
         with open(os.path.join(ckpt_dir, "metadata.json"), "w") as f:
             json.dump(METADATA_JSON, f)
+
+
+def load_full(ckpt_dir: str):
+    """``(tensors, objects)`` of a DCP checkpoint as full tensors, with plain
+    torch.distributed.checkpoint in this process (for checks and small checkpoints)."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(ckpt_dir)
+    md = reader.read_metadata()
+    state = {}
+    for k, m in md.state_dict_metadata.items():
+        if isinstance(m, TensorStorageMetadata):
+            state[k] = torch.empty(m.size, dtype=m.properties.dtype)
+        elif isinstance(m, BytesStorageMetadata):
+            state[k] = io.BytesIO()
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    objects = {}
+    for k, v in state.items():
+        if k in tensors:
+            continue
+        if isinstance(v, io.BytesIO):  # the default planner usually torch.loads byte entries itself
+            v.seek(0)
+            v = torch.load(v, weights_only=False)
+        objects[k] = v
+    return tensors, objects
