@@ -116,10 +116,18 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         return self
 
     def run(self, cmd: List[str], timeout: int = 600, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**self.env, **kw.pop("env", {})},
-                              **kw)
+        env = {**self.env, **kw.pop("env", {})}
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, **kw)
 
     def __exit__(self, *exc) -> None:
+        # Let job steps end under slurmd before stopping it, so no slurmstepd is left behind.
+        subprocess.run(["scancel", "--full", "--user", "root"], capture_output=True, env=self.env)
+        end = time.time() + 30
+        while time.time() < end:
+            q = subprocess.run(["squeue", "-h"], capture_output=True, text=True, env=self.env)
+            if q.returncode != 0 or not q.stdout.strip():
+                break
+            time.sleep(0.5)
         for p in reversed(self.procs):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
