@@ -71,11 +71,13 @@ def main() -> int:
     config.register()
     rank = detect_env().rank
     sys.argv += _quiet_rank_overrides(rank)
-    hydra.main(version_base="1.3", config_path=config.CONF_DIR, config_name="config")(job)()
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    try:
+        hydra.main(version_base="1.3", config_path=config.CONF_DIR, config_name="config")(job)()
+    finally:  # also when Hydra exits on an unexpected error: leave no gloo/NCCL thread behind
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if _failures:
         if rank == 0 and len(_failures) > 1:
             log.error("%d job(s) failed: %s", len(_failures), ", ".join(_failures))

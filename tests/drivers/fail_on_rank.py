@@ -39,6 +39,10 @@ def main():
         verdict = f"FAILED {type(e).__name__}: {e}"
     with open(os.path.join(outdir, f"rank{rank}.txt"), "w") as f:
         f.write(verdict)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()  # leave no gloo thread behind at exit
 
 
 if __name__ == "__main__":
