@@ -6,7 +6,10 @@ import json
 
 import pytest
 
+import torch
+
 from conftest import run_reshard
+from expected import expected_torch_dist, load_hf, read_dcp
 from reshard import config
 from reshard.synthetic import load_preset, write_hf
 
@@ -55,12 +58,18 @@ def test_multirun_writes_one_checkpoint_per_sweep_point_in_one_process_group(tin
     src = tiny_root / "tiny_llama3" / "hf"
     p = run_reshard(["--multirun", f"source.path={src}", f"paths.root={tiny_root}", "parallel.target_tp=1,2",
                      "parallel.target_pp=1,4"], nproc=2)
+    hf = load_hf(str(src))
     for tp in (1, 2):
         for pp in (1, 4):
             out = tiny_root / "tiny_llama3" / f"torch_dist_tp{tp}_pp{pp}"
             with open(out / "reshard_report.json") as f:
                 r = json.load(f)
             assert r["layout"]["tp"] == tp and r["layout"]["pp"] == pp and r["world_size"] == 2
+            tensors, objects = read_dcp(str(out / "release"))
+            args = objects["common_state/shard_0_1"][0]["args"]
+            assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (tp, pp)
+            expected = expected_torch_dist(hf, r["spec"], 256)
+            assert all(torch.equal(tensors[k], v) for k, v in expected.items())
     assert (p.stdout + p.stderr).count("] - wrote ") == 4
 
 

@@ -80,12 +80,23 @@ def test_a_failing_job_exits_non_zero_with_the_reason_in_its_log(slurm, src, tmp
     assert not os.path.exists(out)
 
 
+def test_a_multirun_sweep_inside_one_sbatch_job_runs_its_points_in_one_process_group(slurm, src, tmp_path):
+    p, log = _sbatch(slurm, tmp_path, ["--multirun", f"source.path={src}", f"paths.root={tmp_path}",
+                                        "target.path=${paths.root}/pp${parallel.target_pp}",
+                                        "parallel.target_pp=1,2,4", "io.progress=none"], ["--ntasks=2"])
+    assert p.returncode == 0, log
+    assert log.count("] - wrote ") == 3 and log.count("on 2 rank(s) (slurm)") == 3
+    for pp in (1, 2, 4):
+        _check(str(tmp_path / f"pp{pp}"), src, 2)
+
+
 def test_a_submitit_sweep_submits_one_slurm_job_per_point(slurm, src, tmp_path):
     import hydra_plugins.hydra_submitit_launcher  # noqa: F401  (a test dependency: make setup installs it)
     p = slurm.run([sys.executable, "-m", "reshard", "--multirun", "hydra/launcher=reshard_slurm",
                    "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1",
                    "hydra.launcher.timeout_min=10", f"source.path={src}", f"paths.root={tmp_path}",
-                   "parallel.target_tp=1,2", "io.progress=none"], env=ENV, cwd=str(tmp_path), timeout=900)
+                   "target.path=${paths.root}/tp${parallel.target_tp}", "parallel.target_tp=1,2",
+                   "io.progress=none"], env=ENV, cwd=str(tmp_path), timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     for tp in (1, 2):
-        _check(os.path.join(os.path.dirname(src), f"torch_dist_tp{tp}_pp1"), src, 2)
+        _check(str(tmp_path / f"tp{tp}"), src, 2)
