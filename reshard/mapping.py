@@ -66,9 +66,6 @@ class Entry:
             return not spec.tie_word_embeddings
         raise AssertionError(f"unknown predicate {self.when}")
 
-    def mcore_name(self, transformer_impl: str = "transformer_engine") -> str:
-        return self.local if (transformer_impl == "local" and self.local) else self.mcore
-
 
 @dataclass(frozen=True)
 class _Single(Entry):

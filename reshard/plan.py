@@ -92,9 +92,6 @@ class Plan:
     max_piece_bytes: int
     buffer_bytes: int
 
-    def read_by(self, rank: int) -> List[Piece]:
-        return [p for p in self.pieces if p.reader == rank]
-
     def written_by(self, rank: int) -> List[Piece]:
         return [p for p in self.pieces if rank in p.writers]
 

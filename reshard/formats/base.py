@@ -63,7 +63,6 @@ class SourceIndex:
     slices: Dict[str, List[SourceSlice]]  # canonical name -> where its pieces are
     files: Dict[str, int] = field(default_factory=dict)  # relative file -> size in bytes
     iteration: Optional[int] = None
-    extra: Dict[str, object] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
