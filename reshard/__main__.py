@@ -32,8 +32,9 @@ def _quiet_rank_overrides(rank: int):
     """Overrides that keep ranks > 0 from writing Hydra's output files or logging to the console."""
     if rank == 0:
         return []
+    # A sweep still writes multirun.yaml into its sweep dir: keep that beside this rank's log.
     return ["hydra/job_logging=none", "hydra/hydra_logging=none", "hydra.output_subdir=null",
-            "hydra.run.dir=.", "hydra.sweep.dir=.", "hydra.sweep.subdir=."]
+            "hydra.run.dir=.", f"hydra.sweep.dir=${{paths.log_dir}}/hydra_rank{rank}", "hydra.sweep.subdir=."]
 
 
 def _rank_logging(cfg: DictConfig, rank: int) -> None:

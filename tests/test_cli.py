@@ -3,12 +3,13 @@ composition, conventional paths, multirun sweeps, rank-aware logging, exit codes
 
 import glob
 import json
+import os
 
 import pytest
 
 import torch
 
-from conftest import run_reshard
+from conftest import REPO, run_reshard
 from expected import expected_torch_dist, load_hf, read_dcp
 from reshard import config
 from reshard.synthetic import load_preset, write_hf
@@ -71,6 +72,8 @@ def test_multirun_writes_one_checkpoint_per_sweep_point_in_one_process_group(tin
             expected = expected_torch_dist(hf, r["spec"], 256)
             assert all(torch.equal(tensors[k], v) for k, v in expected.items())
     assert (p.stdout + p.stderr).count("] - wrote ") == 4
+    assert not os.path.exists(os.path.join(REPO, "multirun.yaml"))  # rank 1 wrote nothing into the cwd
+    assert (tiny_root / "logs" / "hydra_rank1" / "multirun.yaml").exists()
 
 
 def test_a_failing_sweep_point_is_reported_and_the_others_still_run(tiny_root):
