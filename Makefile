@@ -40,6 +40,7 @@ test: setup slurm-deps
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 bench: setup
+	$(PY) benchmarks/bench_plan.py
 	$(PY) benchmarks/bench_hf_to_torch_dist.py
 
 gpu-check: setup

@@ -36,6 +36,25 @@ def canonical_shapes(spec: ModelSpec) -> Dict[str, tuple]:
     return {name: entry.part_shape(spec, role) for name, (entry, role, _) in table.canonical_names(spec).items()}
 
 
+def fake_hf_index(spec: ModelSpec, files: int = 3, dtype: torch.dtype = torch.bfloat16):
+    """Metadata of an HF checkpoint of ``spec`` over ``files`` shards, with no data behind it:
+    for planning tests and planning benchmarks at any size."""
+    from .formats.base import SourceIndex, SourceSlice, StoredTensor
+
+    shapes = canonical_shapes(spec)
+    total = sum(math.prod(s) for s in shapes.values()) * dtype.itemsize
+    slices, offs, acc = {}, [0] * files, 0
+    for name, shape in shapes.items():
+        f = min(files - 1, acc * files // total)
+        st = StoredTensor(f"model-{f + 1:05d}-of-{files:05d}.safetensors", name, shape, dtype, offs[f])
+        offs[f] += st.nbytes
+        acc += st.nbytes
+        zero = (0,) * len(shape)
+        slices[name] = [SourceSlice(st, zero, zero, shape)]
+    return SourceIndex("hf", "<synthetic>", spec, shapes, {n: dtype for n in shapes}, slices,
+                       {f"model-{f + 1:05d}-of-{files:05d}.safetensors": offs[f] for f in range(files)})
+
+
 def scaled(spec: ModelSpec, gb: float, dtype: torch.dtype) -> ModelSpec:
     """Same family, hidden and layers grown until the weights are about ``gb`` GB."""
     h = 512

@@ -3,33 +3,19 @@ source byte read by exactly one rank, bytes balanced, any world size, rounds wit
 
 import dataclasses
 import itertools
-import math
 
 import pytest
 import torch
 
 from reshard.formats import torch_dist
-from reshard.formats.base import SourceIndex, SourceSlice, StoredTensor
 from reshard.layout import Layout
 from reshard.models import table_for
 from reshard.plan import build_plan, check_coverage
-from reshard.synthetic import canonical_shapes, load_preset
+from reshard.synthetic import fake_hf_index, load_preset
 
 
 def fake_index(spec, files=3, dtype=torch.bfloat16):
-    """Metadata of an HF checkpoint of ``spec`` spread over ``files`` shards (no data)."""
-    shapes = canonical_shapes(spec)
-    total = sum(math.prod(s) for s in shapes.values()) * dtype.itemsize
-    slices, offs, acc = {}, [0] * files, 0
-    for name, shape in shapes.items():
-        f = min(files - 1, acc * files // total)
-        st = StoredTensor(f"model-{f:05d}.safetensors", name, shape, dtype, offs[f])
-        offs[f] += st.nbytes
-        acc += st.nbytes
-        zero = (0,) * len(shape)
-        slices[name] = [SourceSlice(st, zero, zero, shape)]
-    return SourceIndex("hf", "/nowhere", spec, shapes, {n: dtype for n in shapes}, slices,
-                       {f"model-{f:05d}.safetensors": offs[f] for f in range(files)})
+    return fake_hf_index(spec, files, dtype)
 
 
 def make_plan(preset, layout, world, buffer_bytes=1 << 20, max_piece=None, assign="auto", **spec_kw):
