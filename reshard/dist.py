@@ -87,21 +87,29 @@ def world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def agree(ok: bool, what: str) -> None:
-    """Collective error check: every rank learns whether any rank failed ``what``.
+def agree(err: Optional[BaseException], what: str) -> None:
+    """Collective verdict on ``what``: raises on every rank when any rank failed it (``err``).
 
-    A rank that failed re-raises its own exception; the others raise :class:`PeerError`,
-    so no rank is left waiting in a collective that will never come.
+    A rank that failed raises its own ``err``; the others raise :class:`PeerError`, so no rank
+    is left waiting in a collective that will never come. Either exception is marked
+    (:func:`agreed`) so that callers further up do not hold a second vote on the same failure.
     """
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=dev)
-    bad = [torch.zeros(1, dtype=torch.int32, device=dev) for _ in range(dist.get_world_size())]
-    dist.all_gather(bad, flag)
-    failed = [r for r, b in enumerate(bad) if int(b)]
-    if failed and ok:
-        raise PeerError(f"{what} failed on rank(s) {failed}; see that rank's log for the cause")
+    failed = [rank()] if err is not None else []
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([0 if err is None else 1], dtype=torch.int32, device=dev)
+        bad = [torch.zeros(1, dtype=torch.int32, device=dev) for _ in range(dist.get_world_size())]
+        dist.all_gather(bad, flag)
+        failed = [r for r, b in enumerate(bad) if int(b)]
+    if failed:
+        e = err or PeerError(f"{what} failed on rank(s) {failed}; see that rank's log for the cause")
+        e._reshard_agreed = True
+        raise e
+
+
+def agreed(err: Optional[BaseException]) -> bool:
+    """Did every rank already learn of this failure through :func:`agree`?"""
+    return getattr(err, "_reshard_agreed", False)
 
 
 def broadcast_object(obj, src: int = 0):

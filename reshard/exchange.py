@@ -27,8 +27,7 @@ def _from_bytes(buf: torch.Tensor, p: Piece) -> torch.Tensor:
 
 
 def run_exchange(plan: Plan, rank: int, read: Callable[[Piece], torch.Tensor], device: torch.device,
-                 stats: Dict[str, float], on_round: Callable[[int], None] = lambda r: None,
-                 ) -> Dict[int, torch.Tensor]:
+                 stats: Dict[str, float]) -> Dict[int, torch.Tensor]:
     """Run every round; return the pieces this rank writes but does not read lazily itself."""
     by_round: Dict[int, List[Piece]] = defaultdict(list)
     for p in plan.pieces:
@@ -52,9 +51,7 @@ def run_exchange(plan: Plan, rank: int, read: Callable[[Piece], torch.Tensor], d
                     recvs[p.reader].append(p)
         except Exception as e:  # tell the peers before they wait for bytes that will not come
             err = e
-        rdist.agree(err is None, f"reading for exchange round {rnd}")
-        if err is not None:
-            raise err
+        rdist.agree(err, f"reading for exchange round {rnd}")
         ops, inbox = [], {}
         for dst in sorted(sends):
             buf = torch.cat(sends[dst]) if len(sends[dst]) > 1 else sends[dst][0]
@@ -73,5 +70,4 @@ def run_exchange(plan: Plan, rank: int, read: Callable[[Piece], torch.Tensor], d
             for p in pieces:
                 held[p.id] = _from_bytes(inbox[src][at:at + p.out_nbytes], p)
                 at += p.out_nbytes
-        on_round(rnd)
     return held

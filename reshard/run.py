@@ -149,7 +149,7 @@ class PieceSource:
     def __init__(self, reader, stats: Stats, kernel_copy: bool, device: torch.device):
         self.reader, self.stats, self.kernel_copy, self.device = reader, stats, kernel_copy, device
         self.held: Dict[int, torch.Tensor] = {}
-        self.scratch: Optional[torch.Tensor] = None
+        self._scratch = torch.empty(0, dtype=torch.uint8)
 
     def read(self, p: Piece, into: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The piece in the target dtype; on ``device=cuda`` it lives (and is cast) on the GPU."""
@@ -159,11 +159,12 @@ class PieceSource:
             t = t.pin_memory().to(self.device, non_blocking=True)
         return t if t.dtype == p.dtype else t.to(p.dtype)
 
-    def prepare(self, mine: List[Piece]) -> None:
-        # Pieces read while writing are written before the next is read: one scratch buffer
-        # serves them all, so its pages are faulted in once, not once per piece.
-        lazy = [p.src_nbytes for p in mine if p.id not in self.held]
-        self.scratch = torch.empty(max(lazy), dtype=torch.uint8) if lazy else None
+    def _read_into_scratch(self, p: Piece) -> torch.Tensor:
+        # A piece read while writing is written before the next is read: one growing scratch
+        # buffer serves them all, so its pages are faulted in once, not once per piece.
+        if self._scratch.numel() < p.src_nbytes:
+            self._scratch = torch.empty(p.src_nbytes, dtype=torch.uint8)
+        return self.read(p, into=self._scratch)
 
     def payload(self, p: Piece):
         """The piece in its target shape, or a :class:`torch_dist.FileSpan`."""
@@ -174,7 +175,7 @@ class PieceSource:
             if span is not None and self.kernel_copy and p.repeat == 1 and p.dtype == p.stored.dtype:
                 self.stats["bytes_read"] += p.src_nbytes
                 return torch_dist.FileSpan(*span, p.dtype, p.dst_size, lambda: self.read(p).reshape(p.dst_size))
-            t = self.read(p, into=self.scratch)
+            t = self._read_into_scratch(p)
         if p.repeat > 1:
             t = t.expand(p.repeat, *t.shape[1:])
         return t.reshape(p.dst_size)
@@ -195,7 +196,8 @@ def execute(job: Job, cfg, rank: int, world: int, stats: Stats) -> dict:
         err = e
     if err is not None and rank == 0:
         discard(stage)
-    rdist.agree(err is None, "writing the target")
+    if not rdist.agreed(err):  # a failure agreed on inside the data phase needs no second vote
+        rdist.agree(err, "writing the target")
     if err is not None:
         raise err
     return report
@@ -207,12 +209,15 @@ def _write_staged(job: Job, cfg, rank: int, world: int, stats: Stats, ckpt_dir: 
     mine = job.plan.written_by(rank)
     progress = Progress(sum(p.out_nbytes * p.repeat for p in mine), "rank 0 writing", cfg.io.progress,
                         enabled=rank == 0)
+    err = None
     if rank == 0:
-        os.makedirs(ckpt_dir)
-    rdist.agree(True, "creating the staging directory")
+        try:
+            os.makedirs(ckpt_dir)
+        except OSError as e:
+            err = e
+    rdist.agree(err, "creating the staging directory")
     with stats.phase("exchange"):
         source.held = run_exchange(job.plan, rank, source.read, device, stats.counters)
-    source.prepare(mine)
 
     def wrote(n: int, kernel_copied: int) -> None:
         stats["bytes_written"] += n
@@ -269,17 +274,13 @@ def convert(cfg) -> dict:
             job = resolve(cfg, world)
         except Exception as e:  # every rank fails the same way; agree() keeps them in step
             err = e
-    rdist.agree(err is None, "planning")
-    if err is not None:
-        raise err
+    rdist.agree(err, "planning")
     if rank == 0:
-        st = job.plan.rank_stats()
         log.info("%s -> %s: %s, %d layers, source %.3f GB in %d files; target torch_dist tp=%d pp=%d vpp=%s "
                  "on %d rank(s) (%s); %d pieces, %d exchange round(s)", job.source, job.target,
                  job.spec.model_type, job.spec.num_layers, job.index.total_bytes / 1e9, len(job.index.files),
                  job.layout.tp, job.layout.pp, job.layout.vpp, world, env.launcher, len(job.plan.pieces),
                  job.plan.num_rounds)
-        log.debug("plan per rank: %s", st)
     report = execute(job, cfg, rank, world, stats)
     if rank == 0:
         t = report["totals"]

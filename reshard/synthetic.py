@@ -71,8 +71,8 @@ def scaled(spec: ModelSpec, gb: float, dtype: torch.dtype) -> ModelSpec:
 
 
 def write_hf(path: str, spec: ModelSpec, dtype: torch.dtype = torch.float32, shards: int = 2,
-             seed: int = 0, std: float = 0.02) -> Dict[str, torch.Tensor]:
-    """Write a random checkpoint of ``spec``; returns nothing big (tensors are written shard by shard)."""
+             seed: int = 0, std: float = 0.02) -> Dict[str, int]:
+    """Write a random checkpoint of ``spec`` shard by shard; returns its bytes and file count."""
     os.makedirs(path, exist_ok=True)
     shapes = canonical_shapes(spec)
     names = list(shapes)

@@ -14,13 +14,9 @@ from reshard.plan import build_plan, check_coverage
 from reshard.synthetic import fake_hf_index, load_preset
 
 
-def fake_index(spec, files=3, dtype=torch.bfloat16):
-    return fake_hf_index(spec, files, dtype)
-
-
 def make_plan(preset, layout, world, buffer_bytes=1 << 20, max_piece=None, assign="auto", **spec_kw):
     spec = dataclasses.replace(load_preset(preset), **spec_kw)
-    index = fake_index(spec)
+    index = fake_hf_index(spec)
     tgts = torch_dist.targets(spec, layout, table_for(spec), lambda n: index.dtypes[n])
     writers = torch_dist.layout_writers(spec, layout, world) if assign == "layout" else None
     return index, build_plan(index, tgts, world, buffer_bytes=buffer_bytes, max_piece_bytes=max_piece,
@@ -137,7 +133,7 @@ def test_vocab_padding_is_one_repeated_piece_reading_the_last_row_once():
 
 def test_cast_pieces_travel_in_the_target_dtype():
     spec = load_preset("tiny_llama2")
-    index = fake_index(spec, dtype=torch.float32)
+    index = fake_hf_index(spec, dtype=torch.float32)
     tgts = torch_dist.targets(spec, Layout(), table_for(spec), lambda n: torch.bfloat16)
     plan = build_plan(index, tgts, 2)
     assert all(p.out_nbytes * 2 == p.src_nbytes for p in plan.pieces)
@@ -147,7 +143,7 @@ def test_an_incomplete_source_slice_set_is_reported():
     from reshard.errors import SourceError
 
     spec = load_preset("tiny_llama2")
-    index = fake_index(spec)
+    index = fake_hf_index(spec)
     name = "model.layers.1.mlp.up_proj.weight"
     sl = index.slices[name][0]
     half = (sl.size[0] // 2,) + sl.size[1:]

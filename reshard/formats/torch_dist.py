@@ -264,7 +264,8 @@ class _StreamingWriter(FileSystemWriter):
         """torch.save a placeholder (never touched memory) whose payload the stream copies from
         the source file; if torch.save did not write the payload in one piece, redo it with the
         real bytes, so the record is right either way. Returns the bytes the kernel copied."""
-        if _crc_config() is None or _crc_config().save.compute_crc32:
+        crc = _crc_config()
+        if crc is None or crc.save.compute_crc32:
             torch.save(_exact_storage(span.load()), stream)  # a CRC needs the real bytes in memory
             return 0
         if self._scratch is None or self._scratch.numel() < span.nbytes:
