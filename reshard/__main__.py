@@ -6,6 +6,8 @@ in ``reshard/dist.py``)::
     python -m reshard source.path=ckpt/hf target.path=ckpt/mcore parallel.target_tp=2
     torchrun --nproc-per-node 8 -m reshard +model=llama2_7b parallel.target_tp=8
     python -m reshard --multirun +model=llama3_8b parallel.target_tp=1,2,4,8
+    python -m reshard inspect <dir> [--json]
+    python -m reshard compare <a> <b> [--atol X]      (also under torchrun: shared out over ranks)
 
 Under torchrun every rank composes the same config; only rank 0 writes Hydra's output files
 and logs to the console, the other ranks log to ``${paths.log_dir}``.
@@ -68,7 +70,14 @@ def job(cfg: DictConfig) -> None:
         _failures.append(str(cfg.target.path))
 
 
+TOOLS = {"inspect": "reshard.inspect", "compare": "reshard.compare"}
+
+
 def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] in TOOLS:  # reshard inspect <dir> / reshard compare <a> <b>
+        import importlib
+
+        return importlib.import_module(TOOLS[sys.argv[1]]).main(sys.argv[2:])
     config.register()
     rank = detect_env().rank
     sys.argv += _quiet_rank_overrides(rank)

@@ -16,9 +16,9 @@ from omegaconf import OmegaConf
 
 from .errors import ConfigError
 
-SOURCE_FORMATS = ("auto", "hf")
-TARGET_FORMATS = ("torch_dist",)
-PLANNED_TARGET_FORMATS = ("megatron_legacy", "hf", "meta")
+SOURCE_FORMATS = ("auto", "hf", "torch_dist", "megatron_legacy", "meta")
+TARGET_FORMATS = ("torch_dist", "megatron_legacy", "hf", "meta")
+PLANNED_TARGET_FORMATS = ()
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -33,7 +33,7 @@ class PathsConfig:
 class SourceConfig:
     path: str = "${paths.root}/${model_dir:${model.name}}/hf"
     format: str = "auto"
-
+    iteration: Optional[int] = None  # Megatron sources: null follows the tracker file
 
 @dataclass
 class TargetConfig:
@@ -45,6 +45,12 @@ class TargetConfig:
     dtype: Optional[str] = None  # null keeps the source dtype
     iteration: Optional[int] = None  # null writes release/, an int writes iter_XXXXXXX/
     transformer_impl: str = "transformer_engine"  # or "local" (module names in legacy files)
+    # hf: shard size; the file layout of an HF reference (default: the source when it is HF);
+    # a folder whose tokenizer and other side files are copied (default: the source's own)
+    max_shard_size: str = "5GB"
+    hf_reference: Optional[str] = None
+    hf_side_files: Optional[str] = None
+    meta_shards: int = 1  # meta: number of consolidated.NN.pth files
 
 
 @dataclass
@@ -104,6 +110,12 @@ class ReshardConfig:
     io: IOConfig = field(default_factory=IOConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     overwrite: bool = False
+    # re-read the staged output and compare checksums of every canonical tensor with the source
+    # (and check the plan's coverage) before the commit
+    verify: bool = True
+    # plan only: per rank bytes to read/send/receive/write, files, estimated memory, warnings
+    dry_run: bool = False
+    dry_run_world: Optional[int] = None  # plan for this many ranks (default: the ranks running)
     device: str = "cpu"  # cpu (gloo) or cuda (NCCL)
     log_level: str = "INFO"
 
@@ -148,6 +160,12 @@ def validate(cfg) -> None:
         problems.append(f"target.dtype={cfg.target.dtype!r}: use one of {list(DTYPES)} or null")
     if cfg.target.transformer_impl not in ("transformer_engine", "local"):
         problems.append("target.transformer_impl must be 'transformer_engine' or 'local'")
+    p = cfg.parallel
+    if cfg.target.format in ("hf", "meta") and (p.target_tp, p.target_pp, p.target_vpp) != (1, 1, None):
+        problems.append(f"parallel.target_tp/pp/vpp describe Megatron layouts; target.format={cfg.target.format} "
+                        "has none (use target.meta_shards for Meta)")
+    if cfg.target.meta_shards < 1:
+        problems.append("target.meta_shards must be >= 1")
     if cfg.io.assign not in ("auto", "layout"):
         problems.append(f"io.assign={cfg.io.assign!r}: use auto or layout")
     if cfg.io.buffer_mb <= 0:

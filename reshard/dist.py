@@ -126,3 +126,28 @@ def gather_objects(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def map_shared(fn, items):
+    """``[fn(x) for x in items]`` with the work shared out: rank r computes items r, r+N, ...,
+    and every rank gets every result. A failure on any rank is raised on every rank."""
+    items = list(items)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [fn(x) for x in items]
+    r, n = rank(), world()
+    mine, err = {}, None
+    for i in range(r, len(items), n):
+        try:
+            mine[i] = fn(items[i])
+        except Exception as e:  # sent to every rank, raised everywhere below
+            err = e
+            break
+    results = {}
+    errors = []
+    for got, e in gather_objects((mine, err)):
+        results.update(got)
+        if e is not None:
+            errors.append(e)
+    if errors:
+        raise errors[0]
+    return [results[i] for i in range(len(items))]

@@ -35,3 +35,7 @@ class PeerError(ReshardError):
 
 class WriteError(ReshardError):
     """Writing the target failed on at least one rank; nothing was committed."""
+
+
+class VerifyError(ReshardError):
+    """What was written is not what was read: nothing is committed."""

@@ -47,6 +47,9 @@ class TargetTensor:
     dtype: torch.dtype
     placements: List[Placement]
     rule: str = "replicated"  # TP split rule of the mapping entry (see reshard/mapping.py)
+    file: Optional[str] = None  # file-per-tensor-set formats: the file (relative) that stores it
+    name: Optional[str] = None  # ... and its name inside that file
+    transform: Optional[Tuple[str, int]] = None  # row permutation applied to the assembled tensor
 
 
 @dataclass
@@ -63,6 +66,13 @@ class Piece:
     reader: int = -1
     writers: Tuple[int, ...] = ()
     round: int = -1
+    transform: Optional[Tuple[str, int]] = None  # row permutation of the stored rows (SourceSlice.transform)
+    c_off: Shape = ()  # where the piece lies in its canonical tensor
+
+    @property
+    def s_size(self) -> Shape:
+        """The rectangle of the stored tensor (with its leading axes, if any)."""
+        return (1,) * (len(self.s_off) - len(self.size)) + tuple(self.size)
 
     @property
     def numel(self) -> int:
@@ -128,12 +138,15 @@ def _pieces_for(pl: Placement, tgt: TargetTensor, index: SourceIndex) -> List[Pi
         if hit is None:
             continue
         off, size = hit
-        if pl.repeat > 1 and size != pl.c_size:
-            raise AssertionError(f"a repeated row of {pl.canonical} is split across source files")
-        s_off = tuple(s + (o - c) for s, o, c in zip(sl.s_off, off, sl.c_off))
+        # A repeated row split over source files (Meta embeddings are split by columns) becomes one
+        # repeated piece per part: each broadcasts its columns over the same rows.
+        assert pl.repeat == 1 or size[0] == 1
+        s_lead = len(sl.s_off) - len(sl.c_off)
+        s_off = sl.s_off[:s_lead] + tuple(s + (o - c) for s, o, c in zip(sl.s_off[s_lead:], off, sl.c_off))
         d_off = pl.dst_off[:pl.lead] + tuple(
             d + (o - c) for d, o, c in zip(pl.dst_off[pl.lead:], off, pl.c_off))
-        out.append(Piece(-1, pl.canonical, sl.stored, s_off, size, tgt.key, d_off, tgt.dtype, pl.repeat))
+        out.append(Piece(-1, pl.canonical, sl.stored, s_off, size, tgt.key, d_off, tgt.dtype, pl.repeat,
+                         transform=sl.transform, c_off=off))
         covered += math.prod(size)
     if covered != math.prod(pl.c_size):
         raise SourceError(f"the source holds only {covered} of the {math.prod(pl.c_size)} elements of "
@@ -148,11 +161,14 @@ def _split(p: Piece, max_bytes: int) -> List[Piece]:
     step = max(1, max_bytes // row_bytes)
     out = []
     lead = len(p.dst_off) - len(p.size)
+    s_lead = len(p.s_off) - len(p.size)
     for r in range(0, p.size[0], step):
         n = min(step, p.size[0] - r)
-        s_off = (p.s_off[0] + r,) + tuple(p.s_off[1:])
+        s_off = p.s_off[:s_lead] + (p.s_off[s_lead] + r,) + tuple(p.s_off[s_lead + 1:])
         d_off = p.dst_off[:lead] + (p.dst_off[lead] + r,) + tuple(p.dst_off[lead + 1:])
-        out.append(Piece(-1, p.canonical, p.stored, s_off, (n,) + tuple(p.size[1:]), p.key, d_off, p.dtype))
+        c_off = (p.c_off[0] + r,) + tuple(p.c_off[1:]) if p.c_off else ()
+        out.append(Piece(-1, p.canonical, p.stored, s_off, (n,) + tuple(p.size[1:]), p.key, d_off, p.dtype,
+                         transform=p.transform, c_off=c_off))
     return out
 
 
@@ -218,20 +234,31 @@ def build_plan(
     return Plan(world, pieces, by_key, num_rounds, max_piece_bytes, buffer_bytes)
 
 
-def check_coverage(plan: Plan) -> List[str]:
-    """Cheap coverage check per target tensor: pieces inside the tensor, volumes add up.
-    (DCP's global-plan validation rejects overlapping chunks; the tests paint every element.)"""
+def check_coverage(plan: Plan, canonical_shapes: Optional[Dict[str, Shape]] = None) -> List[str]:
+    """Every target element written exactly once (pieces inside their tensor, no two overlapping,
+    volumes adding up) and, given the canonical shapes, every canonical element consumed."""
+    from .verify import covered_volume
+
     problems = []
     by_key: Dict[str, List[Piece]] = defaultdict(list)
+    by_canonical: Dict[str, List[Piece]] = defaultdict(list)
     for p in plan.pieces:
         by_key[p.key].append(p)
+        by_canonical[p.canonical].append(p)
     for key, t in plan.targets.items():
         ps = by_key.get(key, [])
         vol = sum(math.prod(p.dst_size) for p in ps)
-        if vol != math.prod(t.shape):
-            problems.append(f"{key}: pieces cover {vol} of {math.prod(t.shape)} elements")
+        union = covered_volume([(tuple(p.dst_off), tuple(p.dst_size)) for p in ps])
+        if vol != math.prod(t.shape) or union != vol:
+            problems.append(f"{key}: pieces cover {union} of {math.prod(t.shape)} elements"
+                            + (f" ({vol - union} written twice)" if union != vol else ""))
             continue
         for p in ps:
             if any(o + s > d for o, s, d in zip(p.dst_off, p.dst_size, t.shape)):
                 problems.append(f"{key}: piece {p.id} lies outside the tensor")
+    for name, shape in (canonical_shapes or {}).items():
+        rects = {(tuple(p.c_off), tuple(p.size)) for p in by_canonical.get(name, [])}
+        got = covered_volume(sorted(rects))
+        if got != math.prod(shape):
+            problems.append(f"source tensor {name}: {got} of {math.prod(shape)} elements are used")
     return problems

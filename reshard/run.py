@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -17,9 +19,11 @@ from typing import Dict, List, Optional
 import torch
 
 from . import dist as rdist
-from .errors import SourceError
+from .errors import LayoutError, ReshardError, SourceError, VerifyError
 from .exchange import run_exchange
-from .formats import hf, torch_dist
+from .formats import files as file_formats
+from .formats import hf, megatron_legacy, meta, torch_dist
+from .formats.megatron import iteration_dirname
 from .formats.megatron_args import common_state
 from .layout import Layout
 from .models import table_for
@@ -27,11 +31,14 @@ from .plan import Piece, Plan, build_plan, check_coverage
 from .progress import Progress, Stats
 from .spec import ModelSpec, check_preset
 from .staging import check_target, commit, discard, staging_dir
+from .transforms import rope_meta_to_hf
 
 log = logging.getLogger("reshard")
 
-SOURCE_FORMATS = {"hf": hf}
+SOURCE_FORMATS = {"hf": hf, "torch_dist": torch_dist, "megatron_legacy": megatron_legacy, "meta": meta}
+MEGATRON_TARGETS = ("torch_dist", "megatron_legacy")
 REPORT = "reshard_report.json"
+TRANSFORMS = {"rope_meta_to_hf": lambda t, block: rope_meta_to_hf(t, t.shape[0] // block)}
 TRACKER = "latest_checkpointed_iteration.txt"
 
 
@@ -48,6 +55,7 @@ class Job:
     common: dict
     extra_keys: List[str]
     iteration: Optional[int]
+    dtype_of: object = None
 
 
 def detect_format(path: str, fmt: str):
@@ -63,7 +71,9 @@ def detect_format(path: str, fmt: str):
         if mod.detect(path):
             return mod
     raise SourceError(f"cannot tell the format of {path}: expected config.json with model.safetensors "
-                      "or model.safetensors.index.json (Hugging Face); set source.format to say which")
+                      "or model.safetensors.index.json (Hugging Face), or a Megatron checkpoint "
+                      "(latest_checkpointed_iteration.txt with release/ or iter_*/ holding mp_rank_* directories "
+                      "or a torch_dist .metadata); set source.format to say which")
 
 
 def preset_spec(model_cfg) -> Optional[ModelSpec]:
@@ -108,9 +118,9 @@ def resolve(cfg, world: int) -> Job:
     """Metadata only: detect, index, check, plan. Same result on every rank."""
     src, tgt = os.path.abspath(cfg.source.path), os.path.abspath(cfg.target.path)
     fmt = detect_format(src, cfg.source.format)
-    index = fmt.read_index(src)
-    spec = index.spec
     preset = preset_spec(cfg.model)
+    index = fmt.read_index(src, cfg.source.iteration, preset.vocab_size if preset else cfg.model.vocab_size)
+    spec = index.spec
     if preset is not None:
         spec = check_preset(preset, spec, src)
         index.spec = spec
@@ -124,22 +134,36 @@ def resolve(cfg, world: int) -> Job:
     check_target(tgt, src, cfg.overwrite)
     cast = getattr(torch, cfg.target.dtype) if cfg.target.dtype else None
     dtype_of = (lambda name: cast) if cast else (lambda name: index.dtypes[name])
-    tgts = torch_dist.targets(spec, layout, table, dtype_of)
-    writers_of = torch_dist.layout_writers(spec, layout, world) if cfg.io.assign == "layout" else None
+    if cfg.target.format == "megatron_legacy":
+        tgts = megatron_legacy.targets(spec, layout, table, dtype_of, cfg.target.transformer_impl)
+        writers_of = file_formats.writers_by_file(tgts, world)
+    elif cfg.target.format == "hf":
+        ref = cfg.target.hf_reference or (src if index.format == "hf" else None)
+        tgts = hf.targets(spec, table, dtype_of, cfg.target.max_shard_size, hf.reference_weight_map(ref))
+        writers_of = file_formats.writers_by_file(tgts, world)
+    elif cfg.target.format == "meta":
+        problems = meta.check_shards(spec, cfg.target.meta_shards)
+        if problems:
+            raise LayoutError(f"cannot write {spec.name or spec.model_type} as Meta shards:\n  - "
+                              + "\n  - ".join(problems))
+        meta.params_json(spec)  # fails early when the spec has no Meta spelling
+        tgts = meta.targets(spec, table, dtype_of, cfg.target.meta_shards)
+        writers_of = file_formats.writers_by_file(tgts, world)
+    else:
+        tgts = torch_dist.targets(spec, layout, table, dtype_of)
+        writers_of = torch_dist.layout_writers(spec, layout, world) if cfg.io.assign == "layout" else None
     plan = build_plan(index, tgts, world, buffer_bytes=int(cfg.io.buffer_mb * 2**20),
                       max_piece_bytes=int(cfg.io.max_piece_mb * 2**20) if cfg.io.max_piece_mb else None,
                       writers_of=writers_of)
-    problems = check_coverage(plan)
-    assert not problems, problems
+    problems = check_coverage(plan, {n: index.shapes[n] for n in table.canonical_names(spec)})
+    if problems:  # a planner bug, never an input problem: refuse to write anything
+        raise VerifyError("the plan does not cover the conversion exactly:\n  - " + "\n  - ".join(problems[:20]))
     main_dtype = tgts[0].dtype if tgts else torch.float32
-    common = common_state(spec, layout, main_dtype, "torch_dist", cfg.target.iteration,
+    ckpt_format = "torch" if cfg.target.format == "megatron_legacy" else "torch_dist"
+    common = common_state(spec, layout, main_dtype, ckpt_format, cfg.target.iteration,
                           cfg.target.transformer_impl, {"format": index.format, "path": src})
     return Job(src, tgt, spec, layout, index, plan, common,
-               torch_dist.extra_state_keys(spec, table), cfg.target.iteration)
-
-
-def _iteration_dir(iteration: Optional[int]) -> str:
-    return "release" if iteration is None else f"iter_{iteration:07d}"
+               torch_dist.extra_state_keys(spec, table), cfg.target.iteration, dtype_of)
 
 
 class PieceSource:
@@ -153,11 +177,28 @@ class PieceSource:
 
     def read(self, p: Piece, into: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The piece in the target dtype; on ``device=cuda`` it lives (and is cast) on the GPU."""
-        t = self.reader.read(p.stored, p.s_off, p.size, into=into)
+        if p.transform is not None:
+            t = self._read_transformed(p)
+        else:
+            t = self.reader.read(p.stored, p.s_off, p.s_size, into=into).reshape(p.size)
         self.stats["bytes_read"] += p.src_nbytes
         if self.device.type == "cuda":  # through pinned memory: an asynchronous copy, and `into` is free at once
             t = t.pin_memory().to(self.device, non_blocking=True)
         return t if t.dtype == p.dtype else t.to(p.dtype)
+
+    def _read_transformed(self, p: Piece) -> torch.Tensor:
+        """Stored rows permuted within blocks (Meta's RoPE order): read the whole blocks the
+        piece touches, put them in canonical order, keep the piece's rows."""
+        name, block = p.transform
+        lead = len(p.s_off) - len(p.size)
+        r0 = p.s_off[lead]
+        a = r0 // block * block
+        b = -(-(r0 + p.size[0]) // block) * block
+        off = p.s_off[:lead] + (a,) + tuple(p.s_off[lead + 1:])
+        size = (1,) * lead + (b - a,) + tuple(p.size[1:])
+        t = self.reader.read(p.stored, off, size).reshape((b - a,) + tuple(p.size[1:]))
+        t = TRANSFORMS[name](t, block)
+        return t[r0 - a:r0 - a + p.size[0]]
 
     def _read_into_scratch(self, p: Piece) -> torch.Tensor:
         # A piece read while writing is written before the next is read: one growing scratch
@@ -166,12 +207,12 @@ class PieceSource:
             self._scratch = torch.empty(p.src_nbytes, dtype=torch.uint8)
         return self.read(p, into=self._scratch)
 
-    def payload(self, p: Piece):
-        """The piece in its target shape, or a :class:`torch_dist.FileSpan`."""
+    def payload(self, p: Piece, spans: bool = True):
+        """The piece in its target shape, or (``spans``) a :class:`torch_dist.FileSpan`."""
         if p.id in self.held:
             t = self.held.pop(p.id)
         else:
-            span = self.reader.span(p.stored, p.s_off, p.size)
+            span = self.reader.span(p.stored, p.s_off, p.s_size) if spans and p.transform is None else None
             if span is not None and self.kernel_copy and p.repeat == 1 and p.dtype == p.stored.dtype:
                 self.stats["bytes_read"] += p.src_nbytes
                 return torch_dist.FileSpan(*span, p.dtype, p.dst_size, lambda: self.read(p).reshape(p.dst_size))
@@ -187,10 +228,15 @@ def execute(job: Job, cfg, rank: int, world: int, stats: Stats) -> dict:
     stage = staging_dir(job.target, run_id)
     err, report = None, None
     try:
-        report = _write_staged(job, cfg, rank, world, stats, os.path.join(stage, _iteration_dir(job.iteration)))
+        sub = iteration_dirname(job.iteration) if cfg.target.format in MEGATRON_TARGETS else ""
+        out_dir = os.path.join(stage, sub)
+        report = _write_staged(job, cfg, rank, world, stats, out_dir)
+        if cfg.verify:
+            with stats.phase("verify"):
+                report["verify"] = verify_output(job, cfg, out_dir)
         if rank == 0:
             with stats.phase("commit"):
-                _finish(stage, job, report)
+                _finish(stage, job, report, cfg.target.format)
                 commit(stage, job.target)
     except Exception as e:  # every rank must still take part in the verdict below
         err = e
@@ -212,7 +258,7 @@ def _write_staged(job: Job, cfg, rank: int, world: int, stats: Stats, ckpt_dir: 
     err = None
     if rank == 0:
         try:
-            os.makedirs(ckpt_dir)
+            os.makedirs(ckpt_dir, exist_ok=ckpt_dir.endswith(os.sep))
         except OSError as e:
             err = e
     rdist.agree(err, "creating the staging directory")
@@ -226,12 +272,93 @@ def _write_staged(job: Job, cfg, rank: int, world: int, stats: Stats, ckpt_dir: 
 
     try:
         with stats.phase("write"):
-            torch_dist.write(ckpt_dir, rank, world, mine, job.plan.targets, source.payload, job.extra_keys,
-                             job.common, cfg.io.fsync, wrote, fast=cfg.io.kernel_copy)
+            if cfg.target.format != "torch_dist":
+                err = None
+                try:
+                    _write_files(job, cfg, rank, mine, source, ckpt_dir, wrote)
+                except Exception as e:  # no collective inside: the verdict below keeps ranks in step
+                    err = e
+                rdist.agree(err, "writing the target files")
+            else:
+                torch_dist.write(ckpt_dir, rank, world, mine, job.plan.targets, source.payload, job.extra_keys,
+                                 job.common, cfg.io.fsync, wrote, fast=cfg.io.kernel_copy)
     finally:
         progress.close()
         source.reader.close()
     return _report(job, cfg, rdist.gather_objects(stats.as_dict()), world)
+
+
+OUTPUT_READERS = {"torch_dist": torch_dist, "megatron_legacy": megatron_legacy, "hf": hf, "meta": meta}
+
+
+def verify_output(job: Job, cfg, out_dir: str) -> dict:
+    """Collective, after every rank wrote: checksums of every canonical tensor as read from the
+    source and as re-read from the staged output (the files, not memory). Raises
+    :class:`VerifyError` naming the tensors that differ; returns the figures for the report."""
+    from .verify import index_checksums
+
+    t0 = time.perf_counter()
+    # _report's gather already ordered this after every rank's last write
+    names = sorted(table_for(job.spec).canonical_names(job.spec))
+    src_fmt = SOURCE_FORMATS[job.index.format]
+    want, n_src = index_checksums(job.index, src_fmt.Reader, job.dtype_of, names)
+    err, out_index = None, None
+    try:
+        fmt = OUTPUT_READERS[cfg.target.format]
+        out_index = fmt.read_index(out_dir, None, job.spec.vocab_size)
+    except ReshardError as e:
+        err = VerifyError(f"the staged output cannot be read back as {cfg.target.format}: {e}")
+    rdist.agree(err, "re-reading the staged output")
+    got, n_out = index_checksums(out_index, OUTPUT_READERS[cfg.target.format].Reader, None,
+                                 [n for n in names if n in out_index.slices])
+    bad = [n for n in names if want.get(n) != got.get(n)]
+    if bad:
+        missing = [n for n in bad if n not in got]
+        raise VerifyError(f"{len(bad)} tensor(s) in the staged output differ from the source "
+                          f"(checksums of the re-read files): {', '.join(bad[:10])}"
+                          + (f" ... (+{len(bad) - 10} more)" if len(bad) > 10 else "")
+                          + (f"; absent: {', '.join(missing[:10])}" if missing else "")
+                          + "; nothing was committed")
+    totals = rdist.gather_objects((n_src, n_out))
+    return {"ok": True, "tensors": len(names), "source_bytes_reread": sum(a for a, _ in totals),
+            "output_bytes_reread": sum(b for _, b in totals), "seconds": round(time.perf_counter() - t0, 3),
+            "checksum": "sum(bits * w(index)) mod 2^31-1, two weightings",
+            "coverage": "every target element written once; every source element used"}
+
+
+def _write_files(job: Job, cfg, rank: int, mine, source, ckpt_dir: str, wrote) -> None:
+    """Formats of whole files (legacy, hf, meta): each rank assembles and writes its files."""
+    table = table_for(job.spec)
+    for file, tensors in file_formats.assemble(mine, job.plan.targets, lambda p: source.payload(p, spans=False)):
+        if cfg.target.format == "megatron_legacy":
+            n = megatron_legacy.write_file(ckpt_dir, file, tensors, job.spec, job.layout, table, job.common,
+                                           cfg.io.fsync)
+        elif cfg.target.format == "hf":
+            n = hf.write_file(ckpt_dir, file, tensors, cfg.io.fsync)
+        else:
+            n = meta.write_file(ckpt_dir, file, tensors, cfg.io.fsync)
+        wrote(n, 0)
+        del tensors
+    if rank == 0:
+        _write_side_files(job, cfg, ckpt_dir)
+
+
+def _write_side_files(job: Job, cfg, out_dir: str) -> None:
+    """Rank 0, after the tensors: what an HF or Meta directory needs besides them."""
+    tgts = job.plan.targets.values()
+    if cfg.target.format == "hf":
+        dtype = next(iter(tgts)).dtype
+        weight_map = {t.name: t.file for t in tgts}
+        total = sum(t.dtype.itemsize * math.prod(t.shape) for t in tgts)
+        source_dir = job.source if job.index.format == "hf" else None
+        hf.write_side_files(out_dir, job.spec, dtype, source_dir, cfg.target.hf_side_files, weight_map, total)
+    elif cfg.target.format == "meta":
+        with open(os.path.join(out_dir, "params.json"), "w") as f:
+            json.dump(meta.params_json(job.spec), f, indent=2)
+        for d in (cfg.target.hf_side_files, job.source if job.index.format == "meta" else None):
+            if d and os.path.isfile(os.path.join(d, "tokenizer.model")):
+                shutil.copy2(os.path.join(d, "tokenizer.model"), os.path.join(out_dir, "tokenizer.model"))
+                break
 
 
 def _report(job: Job, cfg, per_rank: List[dict], world: int) -> dict:
@@ -255,9 +382,10 @@ def _report(job: Job, cfg, per_rank: List[dict], world: int) -> dict:
     }
 
 
-def _finish(stage: str, job: Job, report: dict) -> None:
-    with open(os.path.join(stage, TRACKER), "w") as f:
-        f.write("release" if job.iteration is None else str(job.iteration))
+def _finish(stage: str, job: Job, report: dict, fmt: str) -> None:
+    if fmt in MEGATRON_TARGETS:
+        with open(os.path.join(stage, TRACKER), "w") as f:
+            f.write("release" if job.iteration is None else str(job.iteration))
     with open(os.path.join(stage, REPORT), "w") as f:
         json.dump(report, f, indent=2, default=str)
 
@@ -271,16 +399,25 @@ def convert(cfg) -> dict:
     err = None
     with stats.phase("plan"):
         try:
-            job = resolve(cfg, world)
+            job = resolve(cfg, cfg.dry_run_world or world if cfg.dry_run else world)
         except Exception as e:  # every rank fails the same way; agree() keeps them in step
             err = e
     rdist.agree(err, "planning")
     if rank == 0:
-        log.info("%s -> %s: %s, %d layers, source %.3f GB in %d files; target torch_dist tp=%d pp=%d vpp=%s "
+        log.info("%s -> %s: %s, %d layers, source %s %.3f GB in %d files; target %s tp=%d pp=%d vpp=%s "
                  "on %d rank(s) (%s); %d pieces, %d exchange round(s)", job.source, job.target,
-                 job.spec.model_type, job.spec.num_layers, job.index.total_bytes / 1e9, len(job.index.files),
-                 job.layout.tp, job.layout.pp, job.layout.vpp, world, env.launcher, len(job.plan.pieces),
-                 job.plan.num_rounds)
+                 job.spec.model_type, job.spec.num_layers, job.index.format, job.index.total_bytes / 1e9,
+                 len(job.index.files), cfg.target.format, job.layout.tp, job.layout.pp, job.layout.vpp, world,
+                 env.launcher, len(job.plan.pieces), job.plan.num_rounds)
+    if cfg.dry_run:
+        from . import dryrun
+
+        rep = dryrun.report(job.plan, cfg.target.format != "torch_dist")
+        rep.update(source={"path": job.source, "format": job.index.format, "bytes": job.index.total_bytes},
+                   target={"path": job.target, "format": cfg.target.format}, plan_seconds=stats.seconds["plan"])
+        if rank == 0:
+            log.info("dry run (nothing read, sent or written):\n%s", dryrun.format_text(rep))
+        return rep
     report = execute(job, cfg, rank, world, stats)
     if rank == 0:
         t = report["totals"]

@@ -236,3 +236,133 @@ def test_a_failure_on_one_rank_stops_every_rank_and_commits_nothing(tmp_path, sr
     assert f"injected failure on rank {failing}" in lines[failing]
     assert all("PeerError" in ln or "WriteError" in ln for r, ln in enumerate(lines) if r != failing), lines
     _nothing_left(out)
+
+
+# ---------------------------------------------------------------- Megatron legacy sources
+
+@pytest.fixture(scope="module")
+def legacy_src(tmp_path_factory):
+    """A tiny legacy checkpoint at TP=2 PP=2 VPP=2 (written by reshard from a synthetic model)."""
+    root = tmp_path_factory.mktemp("legacy")
+    write_hf(str(root / "hf"), load_preset("tiny_llama3"), shards=2)
+    for name, it in (("legacy", 100), ("other", 200)):
+        _convert(str(root / "hf"), str(root / name), "target.format=megatron_legacy", "parallel.target_tp=2",
+                 "parallel.target_pp=2", "parallel.target_vpp=2", f"target.iteration={it}")
+    return root
+
+
+def _rank_file(ckpt, d="mp_rank_01_001", it=100):
+    return os.path.join(ckpt, f"iter_{it:07d}", d, "model_optim_rng.pt")
+
+
+def _broken_copy(legacy_src, tmp_path):
+    dst = str(tmp_path / "src")
+    shutil.copytree(str(legacy_src / "legacy"), dst)
+    return dst
+
+
+def _edit(path, fn):
+    import torch
+
+    state = torch.load(path, weights_only=False)
+    fn(state)
+    torch.save(state, path)
+
+
+def _legacy_error(src, tmp_path, *words):
+    target = str(tmp_path / "out")
+    with pytest.raises(SourceError) as e:
+        _convert(src, target, "parallel.target_tp=1")
+    for w in words:
+        assert w in str(e.value), str(e.value)
+    _nothing_left(target)
+    return str(e.value)
+
+
+def test_legacy_good_copy_converts(legacy_src, tmp_path):
+    _convert(_broken_copy(legacy_src, tmp_path), str(tmp_path / "out"), "parallel.target_tp=1")
+
+
+def test_legacy_incomplete_mp_rank_grid_is_named(legacy_src, tmp_path):
+    src = _broken_copy(legacy_src, tmp_path)
+    shutil.rmtree(os.path.dirname(_rank_file(src)))
+    _legacy_error(src, tmp_path, "missing: mp_rank_01_001", "tp=2, pp=2")
+
+
+def test_legacy_rank_file_from_another_checkpoint_is_named(legacy_src, tmp_path):
+    src = _broken_copy(legacy_src, tmp_path)
+    shutil.copy(_rank_file(str(legacy_src / "other"), it=200), _rank_file(src))
+    _legacy_error(src, tmp_path, _rank_file(src), "iteration=200")
+
+
+def test_legacy_args_that_disagree_between_ranks_are_named(legacy_src, tmp_path):
+    src = _broken_copy(legacy_src, tmp_path)
+    _edit(_rank_file(src, "mp_rank_00_001"), lambda s: setattr(s["args"], "rotary_base", 10000))
+    _legacy_error(src, tmp_path, _rank_file(src, "mp_rank_00_001"), "rotary_base=10000")
+
+
+def test_legacy_truncated_rank_file_is_named(legacy_src, tmp_path):
+    src = _broken_copy(legacy_src, tmp_path)
+    path = _rank_file(src, "mp_rank_00_000")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) * 2 // 3)
+    _legacy_error(src, tmp_path, path)
+
+
+def test_legacy_vpp_file_missing_a_model_chunk_is_named(legacy_src, tmp_path):
+    src = _broken_copy(legacy_src, tmp_path)
+    _edit(_rank_file(src, "mp_rank_01_000"), lambda s: s.pop("model1"))
+    _legacy_error(src, tmp_path, _rank_file(src, "mp_rank_01_000"), "'model1'")
+
+
+def test_legacy_unknown_tensor_is_not_dropped(legacy_src, tmp_path):
+    src = _broken_copy(legacy_src, tmp_path)
+    _edit(_rank_file(src), lambda s: s["model0"].__setitem__("decoder.layers.0.mystery.weight", s["model0"][
+        "decoder.final_layernorm.weight"] if "decoder.final_layernorm.weight" in s["model0"] else
+        next(v for v in s["model0"].values() if v is not None)))
+    _legacy_error(src, tmp_path, "unknown tensor decoder.layers.0.mystery.weight")
+
+
+def test_legacy_without_true_vocab_size_refuses_to_guess(tmp_path):
+    """A checkpoint whose args record only the padded vocab (as Megatron's do) needs model.vocab_size."""
+    from reshard.formats.megatron import spec_from_args
+    from argparse import Namespace
+
+    args = Namespace(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+                     padded_vocab_size=256, swiglu=True, normalization="RMSNorm")
+    with pytest.raises(SourceError, match="true vocab size cannot be known"):
+        spec_from_args(args, "x")
+    assert spec_from_args(args, "x", vocab_size=250).vocab_size == 250
+
+
+@pytest.fixture(scope="module")
+def dist_src(tmp_path_factory):
+    root = tmp_path_factory.mktemp("td")
+    write_hf(str(root / "hf"), load_preset("tiny_llama3"), shards=2)
+    _convert(str(root / "hf"), str(root / "td"), "parallel.target_tp=2")
+    return root
+
+
+def test_torch_dist_truncated_chunk_file_is_named(dist_src, tmp_path):
+    src = str(tmp_path / "src")
+    shutil.copytree(str(dist_src / "td"), src)
+    path = sorted(glob.glob(os.path.join(src, "release", "*.distcp")))[-1]
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    target = str(tmp_path / "out")
+    with pytest.raises(SourceError, match="truncated") as e:
+        _convert(src, target)
+    assert path in str(e.value)
+    _nothing_left(target)
+
+
+def test_torch_dist_missing_chunk_file_is_named(dist_src, tmp_path):
+    src = str(tmp_path / "src")
+    shutil.copytree(str(dist_src / "td"), src)
+    path = sorted(glob.glob(os.path.join(src, "release", "*.distcp")))[0]
+    os.remove(path)
+    target = str(tmp_path / "out")
+    with pytest.raises(SourceError, match="does not exist") as e:
+        _convert(src, target)
+    assert os.path.basename(path) in str(e.value)
+    _nothing_left(target)

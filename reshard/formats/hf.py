@@ -2,8 +2,9 @@
 
 ``config.json`` plus ``model.safetensors`` or shards with ``model.safetensors.index.json``.
 The index is built from the safetensors headers alone (8-byte length + JSON), so it is fast
-on any size and finds truncated or missing shards before any data moves. Reads are slices
-through ``safetensors.safe_open`` (memory-mapped; only the requested bytes are touched).
+on any size and finds truncated or missing shards before any data moves. Reads are
+``preadv`` of row runs, or copies out of a memory map for column blocks
+(:class:`~reshard.formats.base.RawReader`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from ..errors import SourceError
 from ..spec import read_hf_config
-from .base import SourceIndex, SourceSlice, StoredTensor
+from .base import RawReader, SourceIndex, SourceSlice, StoredTensor
 
 NAME = "hf"
 INDEX_FILE = "model.safetensors.index.json"
@@ -91,7 +92,8 @@ def read_header(file_path: str) -> Dict[str, StoredTensor]:
     return out
 
 
-def read_index(path: str) -> SourceIndex:
+def read_index(path: str, iteration=None, vocab_size=None) -> SourceIndex:
+    """``iteration`` and ``vocab_size`` are for Megatron sources; HF has neither."""
     spec = read_hf_config(path)
     files = _weight_files(path)
     slices, shapes, dtypes, sizes = {}, {}, {}, {}
@@ -115,69 +117,161 @@ def read_index(path: str) -> SourceIndex:
     return SourceIndex(NAME, path, spec, shapes, dtypes, slices, sizes)
 
 
-def _row_span(stored: StoredTensor, offsets, sizes):
-    """Byte range of a rectangle that is a run of whole rows, else None."""
-    if tuple(offsets[1:]) != (0,) * (len(offsets) - 1) or tuple(sizes[1:]) != tuple(stored.shape[1:]):
+class Reader(RawReader):
+    """Safetensors data is C-order bytes at the offsets the header gives: the raw reader."""
+
+
+# ------------------------------------------------------------------------- writing
+
+SIDE_FILE_SKIP = (".safetensors", ".bin", ".pth", ".pt")
+SIDE_FILE_NAMES_SKIP = {"config.json", INDEX_FILE, "params.json", "reshard_report.json",
+                        "latest_checkpointed_iteration.txt", "metadata.json", ".metadata"}
+
+
+def _parse_size(s) -> int:
+    if isinstance(s, (int, float)):
+        return int(s)
+    m = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = str(s).strip().upper()
+    for unit in sorted(m, key=len, reverse=True):
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * m[unit])
+    return int(t)
+
+
+def file_layout(names: Dict[str, int], max_shard_size, reference: Optional[Dict[str, str]] = None
+                ) -> Dict[str, str]:
+    """Canonical name -> output file. ``reference`` (an original weight_map) is followed where it
+    names the tensor; otherwise tensors fill ``model-0000k-of-0000n.safetensors`` files of at most
+    ``max_shard_size`` bytes in canonical order (a tensor larger than that gets a file alone)."""
+    if reference and all(n in reference for n in names):
+        return {n: reference[n] for n in names}
+    limit = _parse_size(max_shard_size)
+    groups: list = [[]]
+    acc = 0
+    for n, nbytes in names.items():
+        if groups[-1] and acc + nbytes > limit:
+            groups.append([])
+            acc = 0
+        groups[-1].append(n)
+        acc += nbytes
+    if len(groups) == 1:
+        return {n: SINGLE_FILE for n in groups[0]}
+    k = len(groups)
+    return {n: f"model-{i + 1:05d}-of-{k:05d}.safetensors" for i, g in enumerate(groups) for n in g}
+
+
+def canonical_order(table, spec) -> list:
+    """Names in the order transformers writes them: embedding, layers in order, norm, lm_head."""
+    names = list(table.canonical_names(spec))
+    def key(n):
+        if n.startswith("model.embed_tokens"):
+            return (0, 0, n)
+        if n.startswith("model.layers."):
+            return (1, int(n.split(".")[2]), n)
+        return (2 if n.startswith("model.norm") else 3, 0, n)
+    return sorted(names, key=key)
+
+
+def targets(spec, table, dtype_of, max_shard_size="5GB", reference: Optional[Dict[str, str]] = None):
+    """One target tensor per canonical tensor (vocab padding never appears: it is not canonical)."""
+    from ..plan import Placement, TargetTensor
+
+    shapes = {n: e.part_shape(spec, role) for n, (e, role, _) in table.canonical_names(spec).items()}
+    order = canonical_order(table, spec)
+    nbytes = {}
+    for n in order:
+        b = dtype_of(n).itemsize
+        for s in shapes[n]:
+            b *= s
+        nbytes[n] = b
+    files = file_layout(nbytes, max_shard_size, reference)
+    out = []
+    for n in order:
+        zero = (0,) * len(shapes[n])
+        out.append(TargetTensor(f"{files[n]}::{n}", shapes[n], dtype_of(n), [Placement(n, zero, shapes[n], zero)],
+                                file=files[n], name=n))
+    return out
+
+
+def reference_weight_map(path: Optional[str]) -> Optional[Dict[str, str]]:
+    if not path:
         return None
-    row = stored.dtype.itemsize
-    for s in stored.shape[1:]:
-        row *= s
-    return stored.offset + offsets[0] * row, sizes[0] * row if sizes else row
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.isfile(index):
+        with open(index) as f:
+            return json.load(f)["weight_map"]
+    if os.path.isfile(os.path.join(path, SINGLE_FILE)):
+        return {k: SINGLE_FILE for k in read_header(os.path.join(path, SINGLE_FILE))}
+    return None
 
 
-class Reader:
-    """Reads rectangles of safetensors tensors.
+def write_file(out_dir: str, file: str, tensors: Dict[str, torch.Tensor], fsync: bool) -> int:
+    from safetensors.torch import save_file
 
-    Runs of whole rows (every slice the torch_dist planner asks for) are read with ``pread``
-    straight into a fresh tensor: one copy, and no memory mapping whose touched pages would
-    count against the rank's memory for the rest of the run. Other rectangles go through
-    ``safetensors.safe_open(...).get_slice``.
-    """
-
-    def __init__(self, root: str):
-        self.root = root
-        self._fds = {}
-        self._handles = {}
-
-    def _fd(self, file: str) -> int:
-        fd = self._fds.get(file)
-        if fd is None:
-            fd = self._fds[file] = os.open(os.path.join(self.root, file), os.O_RDONLY)
-        return fd
-
-    def read(self, stored: StoredTensor, offsets, sizes, into: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The rectangle as a tensor. ``into`` (uint8, large enough) is scratch space to read into
-        instead of a fresh allocation; the result then aliases it."""
-        span = _row_span(stored, offsets, sizes)
-        if span is None:
-            return self._read_slice(stored, offsets, sizes)
-        start, n = span
-        buf = into[:n] if into is not None and into.numel() >= n else torch.empty(n, dtype=torch.uint8)
-        view, fd, done = memoryview(buf.numpy()), self._fd(stored.file), 0
-        while done < n:
-            got = os.preadv(fd, [view[done:]], start + done)
-            if got <= 0:
-                raise SourceError(f"{os.path.join(self.root, stored.file)} ended while reading {stored.key}: "
-                                  "the file was truncated after the run started")
-            done += got
-        return buf.view(stored.dtype).reshape(tuple(sizes))
-
-    def span(self, stored: StoredTensor, offsets, sizes):
-        """``(fd, byte offset, nbytes)`` when the rectangle is one run of bytes of its file."""
-        span = _row_span(stored, offsets, sizes)
-        return None if span is None else (self._fd(stored.file), span[0], span[1])
-
-    def _read_slice(self, stored: StoredTensor, offsets, sizes) -> torch.Tensor:
-        from safetensors import safe_open
-
-        h = self._handles.get(stored.file)
-        if h is None:
-            h = self._handles[stored.file] = safe_open(os.path.join(self.root, stored.file), framework="pt")
-        idx = tuple(slice(o, o + s) for o, s in zip(offsets, sizes))
-        return h.get_slice(stored.key)[idx]
-
-    def close(self):
-        for fd in self._fds.values():
+    path = os.path.join(out_dir, file)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    if fsync:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
             os.close(fd)
-        self._fds.clear()
-        self._handles.clear()
+    return sum(t.nbytes for t in tensors.values())
+
+
+def hf_config(spec, dtype: torch.dtype, source_cfg: Optional[dict] = None) -> dict:
+    """``config.json``: the spec in the field names current transformers reads (``rope_parameters``,
+    ``dtype``) and the ones older releases read (``rope_theta``, ``rope_scaling``, ``torch_dtype``);
+    token ids and other non-structural fields carried over from an HF source."""
+    from ..spec import to_hf_config
+
+    cfg = dict(source_cfg or {})
+    for k in ("rope_parameters", "rope_scaling", "torch_dtype", "dtype", "quantization_config"):
+        cfg.pop(k, None)
+    cfg.update(to_hf_config(spec))
+    name = str(dtype).replace("torch.", "")
+    cfg["torch_dtype"] = name
+    cfg["dtype"] = name
+    rope = {"rope_type": "default", "rope_theta": spec.rope_theta}
+    if spec.rope_scaling:
+        rope.update(dict(spec.rope_scaling))
+    cfg["rope_parameters"] = rope
+    if cfg.get("rope_scaling") is None:
+        cfg.pop("rope_scaling", None)
+    return cfg
+
+
+def write_side_files(out_dir: str, spec, dtype: torch.dtype, source_dir: Optional[str], side_dir: Optional[str],
+                     weight_map: Dict[str, str], total_size: int) -> None:
+    """Rank 0: config.json, generation_config.json, the index, tokenizer and other side files."""
+    import shutil
+
+    source_cfg = None
+    if source_dir and os.path.isfile(os.path.join(source_dir, "config.json")):
+        with open(os.path.join(source_dir, "config.json")) as f:
+            source_cfg = json.load(f)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config(spec, dtype, source_cfg), f, indent=2, sort_keys=True)
+    for d in (side_dir, source_dir):  # an explicit side-file folder wins over the source's own files
+        if not d or not os.path.isdir(d):
+            continue
+        for name in sorted(os.listdir(d)):
+            src = os.path.join(d, name)
+            if (name in SIDE_FILE_NAMES_SKIP or name.endswith(SIDE_FILE_SKIP) or name.startswith(".")
+                    or not os.path.isfile(src) or os.path.exists(os.path.join(out_dir, name))):
+                continue
+            shutil.copy2(src, os.path.join(out_dir, name))
+    gen = os.path.join(out_dir, "generation_config.json")
+    if not os.path.exists(gen):
+        g = {"_from_model_config": True}
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if source_cfg and source_cfg.get(k) is not None:
+                g[k] = source_cfg[k]
+        with open(gen, "w") as f:
+            json.dump(g, f, indent=2)
+    files = set(weight_map.values())
+    if files != {SINGLE_FILE}:
+        with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
+            json.dump({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))},
+                      f, indent=2)

@@ -16,6 +16,8 @@ import errno
 import io
 import json
 import os
+import re
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -30,11 +32,16 @@ from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, Writ
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from ..errors import WriteError
+from .. import dist as rdist
+from ..errors import SourceError, WriteError
 from ..layout import Layout
 from ..mapping import MappingTable
+from ..models import table_for
 from ..plan import Piece, Placement, TargetTensor
 from ..spec import ModelSpec
+from . import megatron as mg
+from .base import RawReader, SourceIndex, SourceSlice, StoredTensor
+from .torchzip import TensorRef, parse_file, parse_record, restricted_loads
 
 NAME = "torch_dist"
 STACK_PREFIX = "decoder.layers."
@@ -42,8 +49,203 @@ METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
 COMMON_KEY = "common_state/shard_0_1"
 
 
+def _is_dcp_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, ".metadata"))
+
+
 def detect(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "metadata.json")) and os.path.isfile(os.path.join(path, ".metadata"))
+    """A DCP directory, or a checkpoint root whose tracker names one."""
+    if _is_dcp_dir(path):
+        return True
+    if not os.path.isfile(os.path.join(path, mg.TRACKER)):
+        return False
+    return any((d == "release" or d.startswith("iter_")) and _is_dcp_dir(os.path.join(path, d))
+               for d in os.listdir(path))
+
+
+# ------------------------------------------------------------------------- reading
+
+OPTIONAL_PREFIXES = ("optimizer.", "rng_state", "rerun_state_machine_state")
+
+
+def _record_tree(fd: int, info, where: str):
+    return parse_record(fd, info.offset, info.length, where)
+
+
+def _parse_file_chunks(ckpt: str, file: str, wanted: List[tuple]):
+    """TensorRefs of the records ``wanted`` = [(key, offsets, offset, length)] of one .distcp file."""
+    path = os.path.join(ckpt, file)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise SourceError(f"{path} is named by .metadata but does not exist (incomplete copy?)") from None
+    try:
+        size = os.fstat(fd).st_size
+        out = []
+        for key, offsets, off, length in wanted:
+            if off + length > size:
+                raise SourceError(f"{path} is truncated: {key} at {list(offsets)} needs bytes up to "
+                                  f"{off + length}, the file has {size}")
+            out.append(parse_record(fd, off, length, f"{path} ({key} at {list(offsets)})"))
+        return out
+    finally:
+        os.close(fd)
+
+
+def read_common(ckpt: str, md, storage) -> dict:
+    """The common state: the DCP byte entry ``common_state/shard_0_1`` or ``common.pt``."""
+    if COMMON_KEY in md.state_dict_metadata:
+        info = storage[(COMMON_KEY, ())]
+        path = os.path.join(ckpt, info.relative_path)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise SourceError(f"{path} is named by .metadata but does not exist (incomplete copy?)") from None
+        try:
+            obj = parse_record(fd, info.offset, info.length, f"{path} ({COMMON_KEY})")
+        finally:
+            os.close(fd)
+        return obj[0] if isinstance(obj, list) and obj else obj
+    if os.path.isfile(os.path.join(ckpt, "common.pt")):
+        return parse_file(os.path.join(ckpt, "common.pt"))
+    raise SourceError(f"{ckpt}: no common state ({COMMON_KEY} in .metadata, or common.pt): "
+                      "cannot tell the architecture")
+
+
+def read_metadata(ckpt: str):
+    path = os.path.join(ckpt, ".metadata")
+    try:
+        with open(path, "rb") as f:
+            md = restricted_loads(f.read())
+    except FileNotFoundError:
+        raise SourceError(f"{path} does not exist") from None
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
+        raise SourceError(f"{path} cannot be read ({type(e).__name__}: {e}); truncated or not DCP?") from None
+    if not hasattr(md, "state_dict_metadata"):
+        raise SourceError(f"{path} is not DCP metadata")
+    storage = {(k.fqn, tuple(k.offset) if k.offset is not None else ()): v for k, v in md.storage_data.items()}
+    return md, storage
+
+
+def _entry_lookup(spec: ModelSpec, table: MappingTable):
+    top = {e.mcore: e for e in table.top if e.applies(spec)}
+    layer = {}
+    for e in table.layer:
+        if e.applies(spec):
+            layer[e.mcore] = e
+            if e.local:
+                layer[e.local] = e
+    return top, layer
+
+
+_PER_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[int] = None) -> SourceIndex:
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    ckpt, it = mg.checkpoint_dir(root, iteration, _is_dcp_dir)
+    mj = os.path.join(ckpt, "metadata.json")
+    if os.path.isfile(mj):
+        with open(mj) as f:
+            backend = json.load(f).get("sharded_backend")
+        if backend not in ("torch_dist", None):
+            raise SourceError(f"{mj}: sharded_backend={backend!r}; only torch_dist is read")
+    md, storage = read_metadata(ckpt)
+    common = read_common(ckpt, md, storage)
+    spec = mg.spec_from_common(common, ckpt, vocab_size)
+    table = table_for(spec)
+    top, layer = _entry_lookup(spec, table)
+    L = spec.num_layers
+    glob = Layout(tp=1)
+    problems, plan = [], []  # plan: (key, entry, layers, stacked, TensorStorageMetadata)
+    for key, meta in sorted(md.state_dict_metadata.items()):
+        if isinstance(meta, BytesStorageMetadata):
+            if key == COMMON_KEY or "_extra_state" in key or key.startswith(OPTIONAL_PREFIXES):
+                continue
+            problems.append(f"unknown object {key}")
+            continue
+        if key.startswith(OPTIONAL_PREFIXES):
+            continue  # optimizer state and RNG: not model weights, not converted
+        m = _PER_LAYER.match(key)
+        if key in top:
+            e, layers, stacked = top[key], [None], False
+        elif key.startswith(STACK_PREFIX) and key[len(STACK_PREFIX):] in layer:
+            e, layers, stacked = layer[key[len(STACK_PREFIX):]], list(range(L)), True
+        elif m and m.group(2) in layer:
+            e, layers, stacked = layer[m.group(2)], [int(m.group(1))], False
+        else:
+            problems.append(f"unknown tensor {key} (refusing to drop it silently)")
+            continue
+        shape = tuple(meta.size)
+        exp = e.shape(spec, glob)
+        if e.tp_rule == "vocab":
+            exp = (shape[0],) + exp[1:] if shape[0] >= spec.vocab_size else exp
+        if stacked:
+            exp = (L,) + exp
+        if shape != exp:
+            problems.append(f"{key} has global shape {shape}, the architecture implies {exp}")
+            continue
+        plan.append((key, e, layers, stacked, meta))
+    seen = {(id(e), i) for _, e, layers, _, _ in plan for i in layers}
+    for e, i in table.entries(spec):
+        if (id(e), i) not in seen:
+            problems.append(f"{STACK_PREFIX + e.mcore if i is not None else e.mcore}"
+                            f"{'' if i is None else f' (layer {i})'} is absent")
+    if problems:
+        raise SourceError(f"{ckpt} does not match its architecture ({spec.model_type}, {L} layers):\n  - "
+                          + "\n  - ".join(problems[:20]))
+    # Every chunk's record, parsed (headers only) by the ranks in turn, file by file.
+    wanted: Dict[str, List[tuple]] = {}
+    for key, e, layers, stacked, meta in plan:
+        for ch in meta.chunks:
+            info = storage.get((key, tuple(ch.offsets)))
+            if info is None:
+                raise SourceError(f"{ckpt}/.metadata: chunk {list(ch.offsets)} of {key} has no storage entry")
+            wanted.setdefault(info.relative_path, []).append((key, tuple(ch.offsets), info.offset, info.length))
+    files = sorted(wanted)
+    refs = dict(zip(files, rdist.map_shared(lambda f: _parse_file_chunks(ckpt, f, wanted[f]), files)))
+    where = {}
+    for f in files:
+        for (key, offsets, _, _), ref in zip(wanted[f], refs[f]):
+            where[(key, offsets)] = (f, ref)
+    slices: Dict[str, List[SourceSlice]] = defaultdict(list)
+    dtypes: Dict[str, torch.dtype] = {}
+    rel = os.path.relpath(ckpt, root)
+    for key, e, layers, stacked, meta in plan:
+        rows = meta.size[1 if stacked else 0]
+        for ch in meta.chunks:
+            f, ref = where[(key, tuple(ch.offsets))]
+            if not isinstance(ref, TensorRef) or tuple(ref.shape) != tuple(ch.sizes) or not ref.contiguous:
+                raise SourceError(f"{ckpt}/{f}: the record of {key} at {list(ch.offsets)} is not the "
+                                  f"contiguous {tuple(ch.sizes)} tensor .metadata promises")
+            st = StoredTensor(os.path.normpath(os.path.join(rel, f)), f"{key}@{list(ch.offsets)}",
+                              tuple(ch.sizes), ref.dtype, ref.offset)
+            c_lo, c_sz = tuple(ch.offsets), tuple(ch.sizes)
+            ls = layers if not stacked else range(c_lo[0], c_lo[0] + c_sz[0])
+            for i in ls:
+                lead = (i,) if stacked else ()
+                for pl in mg.local_placements(e, spec, glob, 0, i, lead=lead, reading=True, rows=rows):
+                    d_sz = (1,) * len(lead) + tuple(pl.c_size)
+                    lo = tuple(max(a, b) for a, b in zip(pl.dst_off, c_lo))
+                    hi = tuple(min(a + x, b + y) for a, x, b, y in zip(pl.dst_off, d_sz, c_lo, c_sz))
+                    if any(h <= q for q, h in zip(lo, hi)):
+                        continue
+                    n = len(lead)
+                    c_off = tuple(c + (q - d) for c, q, d in zip(pl.c_off, lo[n:], pl.dst_off[n:]))
+                    s_off = tuple(q - c for q, c in zip(lo, c_lo))
+                    size = tuple(h - q for q, h in zip(lo[n:], hi[n:]))
+                    slices[pl.canonical].append(SourceSlice(st, c_off, s_off, size))
+                    dtypes[pl.canonical] = ref.dtype
+    shapes = {n: e.part_shape(spec, role) for n, (e, role, _) in table.canonical_names(spec).items()}
+    sizes = {os.path.normpath(os.path.join(rel, f)): os.path.getsize(os.path.join(ckpt, f)) for f in files}
+    index = SourceIndex(NAME, root, spec, shapes, dtypes, dict(slices), sizes, it)
+    index.source_layout = mg.layout_of_common(common, spec) if "args" in common or "reshard" in common else None
+    return index
+
+
+class Reader(RawReader):
+    """A DCP chunk is a torch.save record whose storage bytes sit at a known file offset."""
 
 
 # ------------------------------------------------------------------------- target tensors

@@ -1,0 +1,71 @@
+"""Formats made of whole files, each written by one rank (Megatron legacy, HF safetensors,
+Meta consolidated): which rank writes which file, and assembling a file's tensors from the
+pieces the plan delivers.
+
+A rank assembles one file at a time - its tensors in memory, filled piece by piece, then
+serialised - so its peak is about its largest file plus what it received, never the model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+
+from ..plan import Piece, TargetTensor
+from ..transforms import rope_hf_to_meta
+
+
+def file_owners(tgts: Sequence[TargetTensor], world: int) -> Dict[str, int]:
+    """Files to ranks, largest first to the least-loaded rank (deterministic): every rank writes
+    about the same bytes, and a file is never split between ranks."""
+    size: Dict[str, int] = defaultdict(int)
+    for t in tgts:
+        n = t.dtype.itemsize
+        for s in t.shape:
+            n *= s
+        size[t.file] += n
+    load = [0] * world
+    owners = {}
+    for f in sorted(size, key=lambda f: (-size[f], f)):
+        r = min(range(world), key=lambda i: (load[i], i))
+        owners[f] = r
+        load[r] += size[f]
+    return owners
+
+
+def writers_by_file(tgts: Sequence[TargetTensor], world: int) -> Callable[[Piece, TargetTensor], Tuple[int, ...]]:
+    owners = file_owners(tgts, world)
+    return lambda piece, t: (owners[t.file],)
+
+
+TRANSFORMS = {"rope_hf_to_meta": lambda t, hd: rope_hf_to_meta(t, t.shape[0] // hd)}
+
+
+def assemble(pieces: Sequence[Piece], tgts: Dict[str, TargetTensor], payload: Callable[[Piece], torch.Tensor]
+             ) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Yield ``(file, {name: tensor})`` for each file these pieces fill, one file at a time."""
+    by_file: Dict[str, Dict[str, List[Piece]]] = defaultdict(lambda: defaultdict(list))
+    for p in pieces:
+        t = tgts[p.key]
+        by_file[t.file][p.key].append(p)
+    for file in sorted(by_file):
+        out = {}
+        for key, ps in by_file[file].items():
+            t = tgts[key]
+            buf = torch.empty(t.shape, dtype=t.dtype)
+            for p in ps:
+                idx = tuple(slice(o, o + s) for o, s in zip(p.dst_off, p.dst_size))
+                src = payload(p)
+                buf[idx] = src.reshape(p.dst_size) if src.shape != p.dst_size else src
+                del src
+            if t.transform is not None:
+                buf = TRANSFORMS[t.transform[0]](buf, t.transform[1])
+            out[t.name] = buf
+        yield file, out
+
+
+def ensure_parent(path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)

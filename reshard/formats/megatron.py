@@ -1,0 +1,239 @@
+"""What the two Megatron formats share (FORMATS.md §3-§5): where the rows of each mapping
+entry live on a tensor-parallel rank, and the architecture/layout recorded in ``args``.
+
+A Megatron tensor is built from canonical rectangles by its entry's row *segments*
+(:mod:`reshard.transforms`); TP then takes, per rule, a contiguous chunk of rows
+(column, vocab, fused QKV), two chunks (SwiGLU fc1 ``[W_r; V_r]``), a chunk of columns
+(row-parallel) or everything (replicated). :func:`local_placements` intersects the two:
+which canonical rectangle lands where in one rank's local tensor. Writers use it to build
+local tensors; readers use the same function backwards to find canonical tensors in files.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional, Tuple
+
+from ..errors import SourceError
+from ..layout import Layout
+from ..mapping import Entry
+from ..plan import Placement
+from ..spec import ModelSpec
+from ..transforms import Segment
+
+log = logging.getLogger("reshard")
+
+
+def tp_rows(entry: Entry, rows: int, tp: int, t: int) -> List[Tuple[int, int, int]]:
+    """``(logical_start, n, local_start)`` row runs TP rank ``t`` holds (dim 0 rules)."""
+    if entry.tp_rule in ("column", "vocab", "qkv"):
+        n = rows // tp
+        return [(t * n, n, 0)]
+    if entry.tp_rule == "gated":
+        f = rows // 2 // tp
+        return [(t * f, f, 0), (rows // 2 + t * f, f, f)]
+    return [(0, rows, 0)]  # replicated, row (split on dim 1)
+
+
+def read_segments(entry: Entry, spec: ModelSpec, layout: Layout) -> List[Segment]:
+    """Segments that carry real data: vocab padding rows are never read back."""
+    if entry.tp_rule == "vocab":
+        return [Segment("", 0, 0, spec.vocab_size)]
+    assert all(s.repeat == 1 for s in entry.segments(spec, layout))
+    return entry.segments(spec, layout)
+
+
+def local_placements(entry: Entry, spec: ModelSpec, layout: Layout, t: int, layer: Optional[int],
+                     lead: Tuple[int, ...] = (), reading: bool = False,
+                     rows: Optional[int] = None) -> List[Placement]:
+    """Canonical rectangles in TP rank ``t``'s local tensor of ``entry`` (``lead`` prefixes
+    the destination offsets, e.g. a stacked layer index). ``rows`` overrides the logical row
+    count (a source's padded vocab, as stored)."""
+    segs = read_segments(entry, spec, layout) if reading else entry.segments(spec, layout)
+    rows = rows if rows is not None else entry.rows(spec, layout)
+    runs = tp_rows(entry, rows, layout.tp, t)
+    out = []
+    for seg in segs:
+        name = entry.parts()[seg.part]
+        name = name.format(i=layer) if layer is not None else name
+        rest = entry.part_shape(spec, seg.part)[1:]
+        col_off, col_size = (0,) * len(rest), tuple(rest)
+        if entry.tp_rule == "row":
+            c = rest[0] // layout.tp
+            col_off, col_size = (t * c,) + col_off[1:], (c,) + tuple(rest[1:])
+        seg_lo, seg_hi = seg.dst_row, seg.dst_row + seg.rows * seg.repeat
+        for lo, n, local in runs:
+            a, b = max(seg_lo, lo), min(seg_hi, lo + n)
+            if a >= b:
+                continue
+            if seg.repeat > 1:  # one canonical row broadcast over rows [a, b)
+                out.append(Placement(name, (seg.src_row,) + col_off, (1,) + col_size,
+                                     lead + (local + a - lo,) + (0,) * len(rest), b - a))
+            else:
+                out.append(Placement(name, (seg.src_row + a - seg_lo,) + col_off, (b - a,) + col_size,
+                                     lead + (local + a - lo,) + (0,) * len(rest)))
+    return out
+
+
+def local_shape(entry: Entry, spec: ModelSpec, layout: Layout) -> Tuple[int, ...]:
+    shape = entry.shape(spec, layout)
+    if entry.tp_rule in ("column", "vocab", "qkv", "gated"):
+        return (shape[0] // layout.tp,) + shape[1:]
+    if entry.tp_rule == "row":
+        return (shape[0], shape[1] // layout.tp) + shape[2:]
+    return shape
+
+
+# ------------------------------------------------------------------- args <-> spec and layout
+
+def _get(args: Any, *names, default=None):
+    for n in names:
+        v = args.get(n) if isinstance(args, dict) else getattr(args, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+def spec_from_common(common: dict, where: str, vocab_size: Optional[int] = None) -> ModelSpec:
+    """The architecture of a Megatron checkpoint: our own record when it has one (exact),
+    else Megatron's ``args`` (accepting the spellings that drifted between versions)."""
+    ours = common.get("reshard") if isinstance(common, dict) else None
+    if isinstance(ours, dict) and isinstance(ours.get("spec"), dict):
+        return ModelSpec.from_dict(ours["spec"])
+    args = common.get("args") if isinstance(common, dict) else None
+    if args is None:
+        raise SourceError(f"{where}: no 'args' in the checkpoint; cannot tell its architecture")
+    return spec_from_args(args, where, vocab_size)
+
+
+def spec_from_args(args: Any, where: str, vocab_size: Optional[int] = None) -> ModelSpec:
+    def need(*names):
+        v = _get(args, *names)
+        if v is None:
+            raise SourceError(f"{where}: args lacks {names[0]!r}; cannot tell the architecture")
+        return v
+
+    nh = int(need("num_attention_heads"))
+    h = int(need("hidden_size"))
+    gqa = bool(_get(args, "group_query_attention", default=False))
+    ng = int(_get(args, "num_query_groups") or nh) if gqa else nh
+    norm = str(_get(args, "normalization", default="LayerNorm"))
+    swiglu = bool(_get(args, "swiglu", default=False))
+    if norm != "RMSNorm" or not swiglu:
+        raise SourceError(f"{where}: args say normalization={norm}, swiglu={swiglu}; the supported families "
+                          "(Llama, Mistral, Qwen2) use RMSNorm and SwiGLU")
+    if _get(args, "num_experts"):
+        raise SourceError(f"{where}: a mixture-of-experts checkpoint ({_get(args, 'num_experts')} experts); "
+                          "MoE conversion is not in this version")
+    if _get(args, "add_bias_linear", default=False) and not _get(args, "disable_bias_linear", default=False):
+        raise SourceError(f"{where}: args say add_bias_linear=True; the supported families have no linear biases")
+    padded = _get(args, "padded_vocab_size")
+    true_vocab = vocab_size or _get(args, "vocab_size")
+    if true_vocab is None:
+        raise SourceError(
+            f"{where}: the checkpoint records only the padded vocab ({padded}); the true vocab size cannot be "
+            "known from it. Pass model.vocab_size=<n> or a preset (+model=<name>) - reshard never guesses it")
+    if padded is not None and int(true_vocab) > int(padded):
+        raise SourceError(f"{where}: vocab_size={true_vocab} is larger than the padded vocab {padded} in args")
+    qkv_bias = bool(_get(args, "add_qkv_bias", default=False))
+    rope_scaling = None
+    if _get(args, "use_rope_scaling", default=False):
+        rope_scaling = {"rope_type": "llama3", "factor": float(_get(args, "rope_scaling_factor", default=8.0)),
+                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 8192}
+    dtype = "bfloat16" if _get(args, "bf16") else "float16" if _get(args, "fp16") else "float32"
+    d = dict(
+        model_type="qwen2" if qkv_bias else "llama",
+        num_layers=int(need("num_layers")),
+        hidden_size=h,
+        num_attention_heads=nh,
+        num_query_groups=ng,
+        head_dim=int(_get(args, "kv_channels") or h // nh),
+        ffn_hidden_size=int(_get(args, "ffn_hidden_size") or 4 * h),
+        vocab_size=int(true_vocab),
+        norm_eps=float(_get(args, "norm_epsilon", "layernorm_epsilon", default=1e-5)),
+        rope_theta=float(_get(args, "rotary_base", default=10000)),
+        rope_scaling=rope_scaling,
+        max_position_embeddings=int(_get(args, "max_position_embeddings", "seq_length", default=4096)),
+        tie_word_embeddings=not bool(_get(args, "untie_embeddings_and_output_weights", default=False)),
+        qkv_bias=qkv_bias,
+        dtype=dtype,
+    )
+    log.info("%s: architecture from Megatron args (model_type %s guessed from the tensors' shape rules; "
+             "pass +model=<preset> to name it)", where, d["model_type"])
+    return ModelSpec.from_dict(d)
+
+
+def layout_from_args(args: Any, spec: ModelSpec) -> Layout:
+    vpp = _get(args, "virtual_pipeline_model_parallel_size")
+    per_vstage = _get(args, "num_layers_per_virtual_pipeline_stage")
+    pp = int(_get(args, "pipeline_model_parallel_size", default=1))
+    if vpp is None and per_vstage:
+        vpp = spec.num_layers // (pp * int(per_vstage))
+    return Layout(
+        tp=int(_get(args, "tensor_model_parallel_size", default=1)),
+        pp=pp,
+        vpp=int(vpp) if vpp and int(vpp) > 1 else None,
+        ep=int(_get(args, "expert_model_parallel_size", default=1)),
+        first_stage_layers=_get(args, "decoder_first_pipeline_num_layers"),
+        last_stage_layers=_get(args, "decoder_last_pipeline_num_layers"),
+        make_vocab_size_divisible_by=int(_get(args, "make_vocab_size_divisible_by", default=128)),
+    )
+
+
+def layout_of_common(common: dict, spec: ModelSpec) -> Layout:
+    ours = common.get("reshard") if isinstance(common, dict) else None
+    if isinstance(ours, dict) and isinstance(ours.get("layout"), dict):
+        return Layout(**{k: v for k, v in ours["layout"].items()})
+    return layout_from_args(common["args"], spec)
+
+
+def model_args_dict(args: Any) -> Dict[str, Any]:
+    """The args fields that define the model and layout (compared across rank files)."""
+    fields = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+              "kv_channels", "padded_vocab_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+              "virtual_pipeline_model_parallel_size", "expert_model_parallel_size", "add_qkv_bias",
+              "untie_embeddings_and_output_weights", "rotary_base", "iteration")
+    return {f: _get(args, f) for f in fields}
+
+
+# ------------------------------------------------------------------- directories
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def iteration_dirname(iteration: Optional[int]) -> str:
+    return "release" if iteration is None else f"iter_{iteration:07d}"
+
+
+def checkpoint_dir(root: str, iteration: Optional[int], marker) -> Tuple[str, Optional[int]]:
+    """The directory of one saved iteration: ``iteration`` if given, else what the tracker file
+    says. ``root`` may also be that directory itself (``marker(dir)`` is true for it)."""
+    import os
+
+    if marker(root) and not os.path.isfile(os.path.join(root, TRACKER)):
+        base = os.path.basename(os.path.normpath(root))
+        it = int(base[5:]) if base.startswith("iter_") and base[5:].isdigit() else None
+        return root, it
+    if iteration is None:
+        tracker = os.path.join(root, TRACKER)
+        try:
+            with open(tracker) as f:
+                text = f.read().strip()
+        except FileNotFoundError:
+            raise SourceError(f"{root}: no {TRACKER}; point source.path at the checkpoint directory (the one "
+                              "holding the tracker file) or set source.iteration") from None
+        if text == "release":
+            d, it = os.path.join(root, "release"), None
+        elif text.isdigit():
+            it = int(text)
+            d = os.path.join(root, iteration_dirname(it))
+        else:
+            raise SourceError(f"{tracker} holds {text!r}: expected an iteration number or 'release'")
+    else:
+        it = iteration
+        d = os.path.join(root, iteration_dirname(iteration))
+    if not os.path.isdir(d):
+        have = sorted(x for x in os.listdir(root) if x.startswith("iter_") or x == "release")
+        raise SourceError(f"{d} does not exist (saved iterations here: {have or 'none'})")
+    return d, it

@@ -1,0 +1,161 @@
+"""``reshard inspect <dir>``: what is in a checkpoint of any supported format - metadata only.
+
+Prints the format, architecture, layout, iteration, every stored tensor (name, shape, dtype,
+bytes, file) and what is missing or inconsistent (absent ranks, shapes that do not tile, args
+that disagree: whatever the format's reader refuses, with its reason). ``--json`` for scripts.
+Nothing but headers, pickles' object trees (restricted unpickler) and DCP metadata is read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List
+
+from .errors import ReshardError
+
+
+def _stored_hf(path: str) -> List[dict]:
+    from .formats import hf
+
+    out = []
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            for key, st in hf.read_header(os.path.join(path, f)).items():
+                out.append({"name": key, "file": f, "shape": list(st.shape), "dtype": str(st.dtype)[6:],
+                            "bytes": st.nbytes})
+    return out
+
+
+def _stored_torch_files(root: str, files: List[str], select) -> List[dict]:
+    from .formats.torchzip import TensorRef, parse_file
+
+    out = []
+    for f in files:
+        obj = parse_file(os.path.join(root, f))
+
+        def walk(prefix, o):
+            if isinstance(o, TensorRef):
+                n = o.dtype.itemsize
+                for s in o.shape:
+                    n *= s
+                out.append({"name": prefix, "file": f, "shape": list(o.shape), "dtype": str(o.dtype)[6:],
+                            "bytes": n})
+            elif isinstance(o, dict):
+                for k, v in o.items():
+                    walk(f"{prefix}/{k}" if prefix else str(k), v)
+
+        walk("", select(obj) if isinstance(obj, dict) else obj)
+    return out
+
+
+def _stored_legacy(path: str) -> List[dict]:
+    from .formats import megatron as mg
+    from .formats import megatron_legacy as ml
+
+    ckpt, _ = mg.checkpoint_dir(path, None, ml._is_iter_dir)
+    files = sorted(os.path.relpath(os.path.join(r, f), path) for r, _, fs in os.walk(ckpt) for f in fs
+                   if f == ml.FILE)
+    return _stored_torch_files(path, files, lambda o: {k: v for k, v in o.items() if k.startswith("model")})
+
+
+def _stored_meta(path: str) -> List[dict]:
+    files = sorted(f for f in os.listdir(path) if f.startswith("consolidated.") and f.endswith(".pth"))
+    return _stored_torch_files(path, files, lambda o: o)
+
+
+def _stored_torch_dist(path: str) -> List[dict]:
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from .formats import megatron as mg
+    from .formats import torch_dist as td
+
+    ckpt, _ = mg.checkpoint_dir(path, None, td._is_dcp_dir)
+    md, _ = td.read_metadata(ckpt)
+    out = []
+    for k, m in sorted(md.state_dict_metadata.items()):
+        if isinstance(m, TensorStorageMetadata):
+            n = m.properties.dtype.itemsize
+            for s in m.size:
+                n *= s
+            out.append({"name": k, "file": f"{len(m.chunks)} chunk(s)", "shape": list(m.size),
+                        "dtype": str(m.properties.dtype)[6:], "bytes": n})
+    return out
+
+
+STORED = {"hf": _stored_hf, "megatron_legacy": _stored_legacy, "meta": _stored_meta, "torch_dist": _stored_torch_dist}
+
+
+def inspect(path: str, fmt: str = "auto") -> dict:
+    from .run import detect_format
+
+    path = os.path.abspath(path)
+    mod = detect_format(path, fmt)
+    info = {"path": path, "format": mod.NAME, "problems": []}
+    try:
+        info["tensors"] = STORED[mod.NAME](path)
+    except ReshardError as e:
+        info["tensors"] = []
+        info["problems"].append(str(e))
+    try:
+        index = mod.read_index(path, None, None)
+        info["architecture"] = index.spec.to_dict()
+        lay = index.source_layout
+        info["layout"] = None if lay is None else {k: getattr(lay, k) for k in (
+            "tp", "pp", "vpp", "ep", "first_stage_layers", "last_stage_layers", "make_vocab_size_divisible_by")}
+        info["iteration"] = index.iteration
+        info["canonical_tensors"] = len(index.slices)
+        info["canonical_bytes"] = index.total_bytes
+    except ReshardError as e:
+        info["problems"].append(str(e))
+    info["files"] = len({t["file"] for t in info["tensors"]})
+    info["stored_bytes"] = sum(t["bytes"] for t in info["tensors"])
+    return info
+
+
+def format_text(info: dict) -> str:
+    lines = [f"{info['path']}: {info['format']}" + (f", iteration {info['iteration']}"
+                                                   if info.get("iteration") is not None else "")]
+    a = info.get("architecture")
+    if a:
+        rope = f"rope theta {a['rope_theta']:g}" + (f" ({a['rope_scaling'].get('rope_type')} x"
+                                                    f"{a['rope_scaling'].get('factor')})" if a["rope_scaling"] else "")
+        lines.append(f"architecture: {a['model_type']}, {a['num_layers']} layers, hidden {a['hidden_size']}, "
+                     f"heads {a['num_attention_heads']} (kv {a['num_query_groups']}), head_dim {a['head_dim']}, "
+                     f"ffn {a['ffn_hidden_size']}, vocab {a['vocab_size']}, tied {a['tie_word_embeddings']}, "
+                     f"qkv bias {a['qkv_bias']}, norm eps {a['norm_eps']:g}, {rope}")
+    lay = info.get("layout")
+    if lay:
+        lines.append("layout: " + ", ".join(f"{k}={v}" for k, v in lay.items() if v is not None))
+    lines.append(f"stored tensors: {len(info['tensors'])} in {info['files']} file(s), "
+                 f"{info['stored_bytes'] / 1e9:.3f} GB")
+    w = max([len(t["name"]) for t in info["tensors"]] + [4])
+    for t in info["tensors"]:
+        lines.append(f"  {t['name']:<{w}}  {str(tuple(t['shape'])):<22} {t['dtype']:<9} {t['bytes']:>14,d}  {t['file']}")
+    if info["problems"]:
+        lines.append("PROBLEMS:")
+        lines += ["  " + p.replace("\n", "\n  ") for p in info["problems"]]
+    else:
+        lines.append("problems: none (every tensor the architecture needs is present, shapes tile, args agree)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="reshard inspect", description=__doc__.split("\n\n")[0])
+    ap.add_argument("path")
+    ap.add_argument("--format", default="auto", help="auto, hf, meta, megatron_legacy, torch_dist")
+    ap.add_argument("--json", action="store_true", help="print JSON")
+    a = ap.parse_args(argv)
+    try:
+        info = inspect(a.path, a.format)
+    except ReshardError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=2, default=str) if a.json else format_text(info))
+    return 1 if info["problems"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
