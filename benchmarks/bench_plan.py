@@ -32,6 +32,7 @@ def main():
     ap.add_argument("--first", type=int, default=7)
     ap.add_argument("--last", type=int, default=7)
     ap.add_argument("--buffer-mb", type=int, default=512)
+    ap.add_argument("--dry-run", action="store_true", help="also print the dry-run report of this plan")
     a = ap.parse_args()
     rss0 = peak_rss_mb()
     tracemalloc.start()
@@ -45,7 +46,10 @@ def main():
     took = time.perf_counter() - t0
     _, py_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert not check_coverage(plan)
+    t1 = time.perf_counter()
+    problems = check_coverage(plan, index.shapes)
+    coverage_s = time.perf_counter() - t1
+    assert not problems, problems[:5]
     reads = [s["read"] for s in plan.rank_stats()]
     mean = sum(reads) / len(reads)
     print(f"{a.preset} ({index.total_bytes / 1e9:.1f} GB in {a.files} files) -> torch_dist tp={a.tp} pp={a.pp} "
@@ -57,6 +61,11 @@ def main():
           f"({peak_rss_mb() - rss0:.0f} MB above the interpreter with torch)")
     print(f"read balance: max/mean {max(reads) / mean:.3f}, min/mean {min(reads) / mean:.3f}; "
           f"idle ranks {sum(r == 0 for r in reads)}")
+    print(f"coverage check (every target element once, every source element used): {coverage_s:.2f} s")
+    if a.dry_run:
+        from reshard import dryrun
+
+        print(dryrun.format_text(dryrun.report(plan, file_based=False)))
 
 
 if __name__ == "__main__":

@@ -133,7 +133,8 @@ def main(argv=None) -> int:
     ap.add_argument("a")
     ap.add_argument("b")
     ap.add_argument("--atol", type=float, default=0.0, help="tolerance, compared in float32 (default: bit-exact)")
-    ap.add_argument("--vocab-size", type=int, default=None, help="true vocab of Megatron checkpoints not made by reshard")
+    ap.add_argument("--vocab-size", type=int, default=None,
+                    help="true vocab of Megatron checkpoints not made by reshard")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     if os.environ.get("WORLD_SIZE", "1") != "1":  # under torchrun: the tensors are shared out

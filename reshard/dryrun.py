@@ -56,7 +56,8 @@ def format_text(rep: dict, head: int = 8) -> str:
     gb = lambda n: f"{n / 1e9:9.3f}"  # noqa: E731
     lines = [f"dry run: {rep['world_size']} rank(s), {rep['pieces']} pieces, {rep['rounds']} exchange round(s), "
              f"largest piece {rep['max_piece_bytes'] / 2**20:.1f} MiB, buffer {rep['buffer_bytes'] / 2**20:g} MiB",
-             f"{'rank':>6} {'read GB':>9} {'send GB':>9} {'recv GB':>9} {'write GB':>9} {'files':>6} {'est peak MB':>12}"]
+             f"{'rank':>6} {'read GB':>9} {'send GB':>9} {'recv GB':>9} {'write GB':>9} {'files':>6} "
+             f"{'est peak MB':>12}"]
     ranks = rep["ranks"]
     shown = ranks if len(ranks) <= 2 * head else ranks[:head] + [None] + ranks[-head:]
     for r in shown:

@@ -88,7 +88,7 @@ def _stored_torch_dist(path: str) -> List[dict]:
 STORED = {"hf": _stored_hf, "megatron_legacy": _stored_legacy, "meta": _stored_meta, "torch_dist": _stored_torch_dist}
 
 
-def inspect(path: str, fmt: str = "auto") -> dict:
+def inspect(path: str, fmt: str = "auto", vocab_size=None) -> dict:
     from .run import detect_format
 
     path = os.path.abspath(path)
@@ -100,7 +100,7 @@ def inspect(path: str, fmt: str = "auto") -> dict:
         info["tensors"] = []
         info["problems"].append(str(e))
     try:
-        index = mod.read_index(path, None, None)
+        index = mod.read_index(path, None, vocab_size)
         info["architecture"] = index.spec.to_dict()
         lay = index.source_layout
         info["layout"] = None if lay is None else {k: getattr(lay, k) for k in (
@@ -133,7 +133,8 @@ def format_text(info: dict) -> str:
                  f"{info['stored_bytes'] / 1e9:.3f} GB")
     w = max([len(t["name"]) for t in info["tensors"]] + [4])
     for t in info["tensors"]:
-        lines.append(f"  {t['name']:<{w}}  {str(tuple(t['shape'])):<22} {t['dtype']:<9} {t['bytes']:>14,d}  {t['file']}")
+        lines.append(f"  {t['name']:<{w}}  {str(tuple(t['shape'])):<22} {t['dtype']:<9} {t['bytes']:>14,d}  "
+                     f"{t['file']}")
     if info["problems"]:
         lines.append("PROBLEMS:")
         lines += ["  " + p.replace("\n", "\n  ") for p in info["problems"]]
@@ -147,9 +148,11 @@ def main(argv=None) -> int:
     ap.add_argument("path")
     ap.add_argument("--format", default="auto", help="auto, hf, meta, megatron_legacy, torch_dist")
     ap.add_argument("--json", action="store_true", help="print JSON")
+    ap.add_argument("--vocab-size", type=int, default=None,
+                    help="true vocab of a Megatron checkpoint whose args record only the padded one")
     a = ap.parse_args(argv)
     try:
-        info = inspect(a.path, a.format)
+        info = inspect(a.path, a.format, a.vocab_size)
     except ReshardError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

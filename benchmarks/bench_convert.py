@@ -1,11 +1,16 @@
-"""Megatron legacy -> legacy layout change (TP=4 PP=2 -> TP=2 PP=4) on 2 ranks, against `cp -r`
-and the single-process pattern of the usual tools (load every rank file, merge, split, save).
+"""Conversions other than HF -> torch_dist on 2 ranks, against `cp -r` and the single-process
+pattern of the usual tools:
 
-    python benchmarks/bench_legacy_layout.py [--sizes 0.5 2.0] [--repeat 2] [--workdir DIR]
+    python benchmarks/bench_convert.py --case legacy   # Megatron legacy TP=4 PP=2 -> TP=2 PP=4
+                                                       # (baseline: load every rank file, merge, split, save)
+    python benchmarks/bench_convert.py --case td2hf    # torch_dist TP=2 PP=2 -> HF safetensors
+                                                       # (baseline: DCP-load everything, split, save)
+    [--sizes 0.5 2.0] [--repeat 2] [--workdir DIR]
 
-The legacy sources are written once by reshard from synthetic bf16 Llama-3-style models
-(untimed); then every method is timed in the same run on the same page-cached files, best of
---repeat, interleaved. Printed: marginal cost per GB against cp -r, start-up, speed-up over the
+The sources are written once by reshard from synthetic bf16 Llama-3-style models (untimed);
+then every method is timed in the same run on the same page-cached files, best of --repeat,
+interleaved. reshard runs with its default verification (checksums re-read from the output)
+unless --no-verify. Printed: marginal cost per GB against cp -r, start-up, speed-up over the
 single-process tool at the larger size, peak RSS per rank, bytes read / source bytes.
 """
 
@@ -16,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 
@@ -26,11 +30,20 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
-from bench_hf_to_torch_dist import ENV, baseline_rss_mb, timed  # noqa: E402
+from bench_hf_to_torch_dist import baseline_rss_mb, timed  # noqa: E402
 
 from reshard.synthetic import load_preset, scaled, write_hf  # noqa: E402
 
 SRC_TP, SRC_PP, TP, PP = 4, 2, 2, 4
+CASES = {
+    "legacy": {"title": f"Megatron legacy TP={SRC_TP} PP={SRC_PP} -> TP={TP} PP={PP}",
+               "make": ["target.format=megatron_legacy", f"parallel.target_tp={SRC_TP}",
+                        f"parallel.target_pp={SRC_PP}"],
+               "run": ["target.format=megatron_legacy", f"parallel.target_tp={TP}", f"parallel.target_pp={PP}"]},
+    "td2hf": {"title": "torch_dist TP=2 PP=2 -> HF safetensors",
+              "make": ["parallel.target_tp=2", "parallel.target_pp=2"],
+              "run": ["target.format=hf"]},
+}
 
 
 def reshard_cmd(nproc, src, dst, work, *extra):
@@ -39,14 +52,13 @@ def reshard_cmd(nproc, src, dst, work, *extra):
             f"paths.root={work}", "hydra.run.dir=" + os.path.join(work, "hydra"), *extra]
 
 
-def bench_size(work: str, gb: float, repeat: int, nproc: int) -> dict:
-    base = os.path.join(work, f"m{gb}")
-    src = os.path.join(base, "legacy")
+def bench_size(work: str, gb: float, repeat: int, nproc: int, case: str, verify: bool) -> dict:
+    base = os.path.join(work, f"{case}{gb}")
+    src = os.path.join(base, "src")
+    spec = scaled(load_preset("tiny_llama3"), gb, torch.bfloat16)
     if not os.path.isdir(src):
-        spec = scaled(load_preset("tiny_llama3"), gb, torch.bfloat16)
         write_hf(os.path.join(base, "hf"), spec, torch.bfloat16, shards=max(2, round(gb / 0.5)))
-        timed(reshard_cmd(2, os.path.join(base, "hf"), src, work, "target.format=megatron_legacy",
-                          f"parallel.target_tp={SRC_TP}", f"parallel.target_pp={SRC_PP}"))
+        timed(reshard_cmd(2, os.path.join(base, "hf"), src, work, "verify=false", *CASES[case]["make"]))
         shutil.rmtree(os.path.join(base, "hf"))
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(src) for f in fs)
     out = {"bytes": size}
@@ -58,15 +70,21 @@ def bench_size(work: str, gb: float, repeat: int, nproc: int) -> dict:
             if name == "cp":
                 dt, _ = timed(["cp", "-r", src, dst])
             elif name == "reshard":
-                dt, _ = timed(reshard_cmd(nproc, src, dst, work, "target.format=megatron_legacy",
-                                          f"parallel.target_tp={TP}", f"parallel.target_pp={PP}"))
+                dt, _ = timed(reshard_cmd(nproc, src, dst, work, f"verify={str(verify).lower()}",
+                                          *CASES[case]["run"]))
                 with open(os.path.join(dst, "reshard_report.json")) as f:
                     rep = json.load(f)
                 out["rss"] = [r["peak_rss_mb"] for r in rep["ranks"]]
                 out["read"] = rep["totals"]["bytes_read"]
-            else:
+                out["verify_s"] = rep.get("verify", {}).get("seconds", 0.0)
+            elif case == "legacy":
                 dt, log = timed([sys.executable, os.path.join(HERE, "single_process_legacy_baseline.py"),
                                  os.path.join(src, "release"), dst, str(SRC_TP), str(SRC_PP), str(TP), str(PP)])
+            else:
+                dt, log = timed([sys.executable, os.path.join(HERE, "single_process_td_to_hf.py"),
+                                 os.path.join(src, "release"), dst, str(spec.num_attention_heads),
+                                 str(spec.num_query_groups), str(spec.vocab_size)])
+            if name == "single":
                 out["single_rss"] = float(re.search(r"peak_rss_mb=(\d+)", log).group(1))
             times[name].append(dt)
             shutil.rmtree(dst, ignore_errors=True)
@@ -82,10 +100,12 @@ def main():
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--case", choices=sorted(CASES), default="legacy")
+    ap.add_argument("--no-verify", action="store_true")
     a = ap.parse_args()
     work = a.workdir or tempfile.mkdtemp(prefix="reshard-bench-")
     try:
-        small, big = (bench_size(work, gb, a.repeat, a.nproc) for gb in a.sizes)
+        small, big = (bench_size(work, gb, a.repeat, a.nproc, a.case, not a.no_verify) for gb in a.sizes)
     finally:
         if not a.workdir:
             shutil.rmtree(work, ignore_errors=True)
@@ -93,8 +113,8 @@ def main():
     marg = {m: (big[m] - small[m]) / dgb for m in ("cp", "reshard", "single")}
     start = {m: small[m] - marg[m] * small["bytes"] / 1e9 for m in marg}
     base_rss = baseline_rss_mb()
-    print(f"Megatron legacy TP={SRC_TP} PP={SRC_PP} -> TP={TP} PP={PP} on {a.nproc} ranks, synthetic bf16 Llama, "
-          f"warm page cache, best of {a.repeat}")
+    print(f"{CASES[a.case]['title']} on {a.nproc} ranks, synthetic bf16 Llama, warm page cache, best of {a.repeat}, "
+          f"verify={'off' if a.no_verify else 'on'} (at {big['bytes'] / 1e9:.2f} GB it took {big['verify_s']:.2f} s)")
     print(f"{'size GB':>8} {'cp -r s':>8} {'reshard s':>10} {'single s':>9} {'rank RSS MB':>16} {'single RSS MB':>14}")
     for r in (small, big):
         print(f"{r['bytes'] / 1e9:8.3f} {r['cp']:8.2f} {r['reshard']:10.2f} {r['single']:9.2f} "
@@ -102,7 +122,8 @@ def main():
     print(f"marginal s/GB: cp {marg['cp']:.3f}, reshard {marg['reshard']:.3f}, single {marg['single']:.3f}; "
           f"ratio reshard/cp {marg['reshard'] / marg['cp']:.2f}x")
     print(f"fixed start-up: reshard {start['reshard']:.2f} s, cp {start['cp']:.2f} s, single {start['single']:.2f} s")
-    print(f"speed-up over the single-process tool at {big['bytes'] / 1e9:.2f} GB: {big['single'] / big['reshard']:.2f}x")
+    print(f"speed-up over the single-process tool at {big['bytes'] / 1e9:.2f} GB: "
+          f"{big['single'] / big['reshard']:.2f}x")
     print(f"peak RSS per rank at {big['bytes'] / 1e9:.2f} GB: {[round(x) for x in big['rss']]} MB "
           f"(idle interpreter with torch {base_rss:.0f} MB; size/N {big['bytes'] / 2**20 / a.nproc:.0f} MB); "
           f"single process: {big['single_rss']:.0f} MB")
