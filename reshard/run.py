@@ -6,6 +6,7 @@ reaches the same plan (and the same error) on its own.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -121,6 +122,8 @@ def resolve(cfg, world: int) -> Job:
     preset = preset_spec(cfg.model)
     index = fmt.read_index(src, cfg.source.iteration, preset.vocab_size if preset else cfg.model.vocab_size)
     spec = index.spec
+    if preset is not None and index.guessed:  # what the source cannot record, the preset says
+        spec = dataclasses.replace(spec, **{f: getattr(preset, f) for f in index.guessed})
     if preset is not None:
         spec = check_preset(preset, spec, src)
         index.spec = spec

@@ -1,10 +1,12 @@
 """Checksums of canonical tensors, computed piecewise and in a distributed way.
 
-A tensor's checksum is ``sum_i bits(x_i) * w_k(i) mod P`` for two position weights ``w_k``
-(``P = 2^31 - 1``), where ``i`` is the flat canonical index and ``bits`` the raw bit pattern.
-It adds up over any split of the tensor into rectangles, so the source (as its files slice it)
-and the output (as *its* files slice it) can be summed by different ranks in different pieces
-and still be compared exactly; a changed, moved or missing element changes it.
+The bit pattern of a tensor, read as signed 16-bit units (bytes for 1-byte dtypes), is hashed
+with position weights: ``row_r = sum_v unit[r, v] * w(v)`` over the units ``v`` of row ``r``
+(exact in int64: units < 2^15, weights < 2^31), then ``c_k = sum_r row_r * u_k(r) mod P_k``
+for two primes. Both sums add up over any split of the tensor into rectangles, so the source
+(as its files slice it) and the output (as *its* files slice it) can be summed by different
+ranks in different pieces and still be compared exactly. A single changed element always
+changes both (every factor is non-zero mod a prime); a moved one changes its weights.
 
 :func:`index_checksums` reads every canonical element of an index exactly once (its slices),
 sharing the slices over the ranks, and returns one checksum pair per canonical tensor.
@@ -15,48 +17,49 @@ from __future__ import annotations
 import math
 from typing import Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from . import dist as rdist
 
-P = (1 << 31) - 1
-_MULT = (2654435761 % P, 40503 * 65599 % P)
-_ADD = (97531, 12345)
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+PRIMES = ((1 << 31) - 1, 1_000_000_007)
+P = PRIMES[0]
+_ROW = ((40503, 97), (69069, 12345))
+BLOCK_ELEMENTS = 1 << 22
+COLS = 1 << 16
+
+
+def _col_weights(v: np.ndarray) -> np.ndarray:
+    return (v * 2654435761 + 1013904223) % PRIMES[0] + 1  # in [1, 2^31): never zero
 
 
 def rect_checksum(t: torch.Tensor, shape, c_off) -> Tuple[int, int]:
-    """Contribution of rectangle ``t`` at ``c_off`` of a canonical tensor of ``shape``."""
+    """Contribution of rectangle ``t`` at ``c_off`` of a canonical tensor of ``shape`` (1-D or 2-D)."""
     t = t.contiguous()
-    bits = t.view(_BITS[t.element_size()]).reshape(-1).to(torch.int64)
-    if t.element_size() == 8:
-        bits = (bits & 0x7FFFFFFF) ^ ((bits >> 31) & 0x7FFFFFFF) ^ (bits >> 62)
-    bits = bits % P
-    out = []
-    for k in range(2):
-        out_k = 0
-        # chunks keep the int64 temporaries small on big tensors
-        n = bits.numel()
-        step = 1 << 22
-        for s in range(0, n, step):
-            idx = _flat_index_slice(shape, c_off, t.shape, s, min(n, s + step))
-            w = (idx % P * _MULT[k] + _ADD[k]) % P
-            out_k = (out_k + int(((bits[s:s + step] * w) % P).sum())) % P
-        out.append(out_k)
+    if t.dim() == 1:  # a vector is one row
+        t, c_off = t.reshape(1, -1), (0,) + tuple(c_off)
+    assert t.dim() == 2, "canonical tensors have at most 2 dimensions"
+    rows, cols = t.shape
+    if t.element_size() == 1:
+        units, per = t.view(torch.uint8).numpy(), 1
+    else:
+        per = t.element_size() // 2
+        units = t.view(torch.int16).numpy().reshape(rows, cols * per)
+    v = (np.arange(c_off[1], c_off[1] + cols, dtype=np.int64)[:, None] * per + np.arange(per)[None, :]).reshape(-1)
+    w = _col_weights(v)
+    r = np.arange(c_off[0], c_off[0] + rows, dtype=np.int64)
+    out = [0, 0]
+    width = units.shape[1]
+    step = max(1, BLOCK_ELEMENTS // max(1, width))
+    for a in range(0, rows, step):
+        row_mod = [0, 0]
+        for b in range(0, width, COLS):  # exact in int64: |unit| < 2^15, w < 2^31, <= 2^16 units
+            part = units[a:a + step, b:b + COLS].astype(np.int64) @ w[b:b + COLS]
+            row_mod = [(acc + part % p) % p for acc, p in zip(row_mod, PRIMES)]
+        for k, (p, (m, c)) in enumerate(zip(PRIMES, _ROW)):
+            u = (r[a:a + step] * m + c) % p + 1
+            out[k] = (out[k] + int((row_mod[k] * u % p).sum())) % p
     return out[0], out[1]
-
-
-def _flat_index_slice(shape, c_off, size, lo, hi) -> torch.Tensor:
-    """Flat canonical indices of elements ``lo:hi`` (row-major) of the rectangle."""
-    pos = torch.arange(lo, hi, dtype=torch.int64)
-    idx = torch.zeros_like(pos)
-    stride = 1
-    for d in reversed(range(len(shape))):
-        coord = pos % size[d] + c_off[d]
-        pos = pos // size[d]
-        idx += coord * stride
-        stride *= shape[d]
-    return idx
 
 
 def index_checksums(index, reader_factory: Callable[[str], object], dtype_of: Optional[Callable] = None,
@@ -88,14 +91,14 @@ def index_checksums(index, reader_factory: Callable[[str], object], dtype_of: Op
                 t = t.to(dtype_of(name))
             c = rect_checksum(t, index.shapes[name], sl.c_off)
             acc = sums.setdefault(name, [0, 0])
-            acc[0], acc[1] = (acc[0] + c[0]) % P, (acc[1] + c[1]) % P
+            acc[0], acc[1] = (acc[0] + c[0]) % PRIMES[0], (acc[1] + c[1]) % PRIMES[1]
     finally:
         reader.close()
     total: Dict[str, List[int]] = {}
     for part in rdist.gather_objects(sums):
         for name, (a, b) in part.items():
             acc = total.setdefault(name, [0, 0])
-            acc[0], acc[1] = (acc[0] + a) % P, (acc[1] + b) % P
+            acc[0], acc[1] = (acc[0] + a) % PRIMES[0], (acc[1] + b) % PRIMES[1]
     return {k: (v[0], v[1]) for k, v in total.items()}, nbytes
 
 

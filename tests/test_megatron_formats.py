@@ -181,3 +181,61 @@ def test_torch_dist_to_torch_dist_repads_the_vocab_for_the_new_tp(hf_models, tmp
     for k in exp:
         assert got[k].shape == exp[k].shape and torch.equal(got[k], exp[k]), k
     assert objects["common_state/shard_0_1"][0]["args"].padded_vocab_size == padded
+
+
+def test_legacy_uneven_first_and_last_stage_round_trips(hf_models, tmp_path):
+    """PP=3 with 1 layer on the first and last stage, 2 in the middle; back to HF unchanged."""
+    from tests.expected import load_hf
+
+    leg, back = str(tmp_path / "leg"), str(tmp_path / "back")
+    run_reshard([f"source.path={hf_models['llama2']}", f"target.path={leg}", "target.format=megatron_legacy",
+                 "parallel.target_pp=3", "parallel.target_first_stage_layers=1",
+                 "parallel.target_last_stage_layers=1", f"paths.root={tmp_path}"], nproc=2)
+    layers = []
+    for p in range(3):
+        state = torch.load(os.path.join(leg, "release", f"mp_rank_00_{p:03d}", "model_optim_rng.pt"),
+                           weights_only=False)
+        assert state["args"].decoder_first_pipeline_num_layers == 1
+        layers.append(len({k.split(".")[2] for k in state["model"] if k.startswith("decoder.layers.")}))
+    assert layers == [1, 2, 1]
+    run_reshard([f"source.path={leg}", f"target.path={back}", "target.format=hf", f"paths.root={tmp_path}"], nproc=1)
+    a, b = load_hf(hf_models["llama2"]), load_hf(back)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("common_pt", [False, True])
+def test_torch_dist_per_layer_keys_and_common_pt_are_read(hf_models, tmp_path, common_pt):
+    """Per-layer keys (``decoder.layers.{i}.…``, as models mixing layer types store them) and the
+    older ``common.pt`` instead of the DCP byte entry."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    from tests.expected import load_hf, read_dcp
+
+    stacked, flat, back = (str(tmp_path / x) for x in ("stacked", "flat", "back"))
+    run_reshard([f"source.path={hf_models['qwen2']}", f"target.path={stacked}", f"paths.root={tmp_path}"], nproc=1)
+    tensors, objects = read_dcp(os.path.join(stacked, "release"))
+    state = {}
+    for k, v in tensors.items():
+        if k.startswith("decoder.layers.") and k.count(".") >= 3 and v.dim() >= 2 and v.shape[0] == 4 and \
+                "final" not in k:
+            for i in range(v.shape[0]):
+                state[k.replace("decoder.layers.", f"decoder.layers.{i}.")] = v[i].clone()
+        else:
+            state[k] = v
+    common = objects["common_state/shard_0_1"][0]
+    os.makedirs(os.path.join(flat, "release"))
+    if not common_pt:
+        state["common_state/shard_0_1"] = [common]
+    dcp.save(state, checkpoint_id=os.path.join(flat, "release"), no_dist=True,
+             planner=DefaultSavePlanner(flatten_state_dict=False))
+    if common_pt:
+        torch.save(common, os.path.join(flat, "release", "common.pt"))
+    with open(os.path.join(flat, "release", "metadata.json"), "w") as f:
+        json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1}, f)
+    with open(os.path.join(flat, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("release")
+    run_reshard([f"source.path={flat}", f"target.path={back}", "target.format=hf", f"paths.root={tmp_path}"],
+                nproc=2)
+    a, b = load_hf(hf_models["qwen2"]), load_hf(back)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -76,6 +76,7 @@ class SourceIndex:
     files: Dict[str, int] = field(default_factory=dict)  # relative file -> size in bytes
     iteration: Optional[int] = None
     source_layout: Optional[object] = None  # the Layout a Megatron source was saved at
+    guessed: Tuple[str, ...] = ()  # spec fields the format cannot record (a preset may set them)
 
     @property
     def total_bytes(self) -> int:

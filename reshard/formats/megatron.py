@@ -164,6 +164,16 @@ def spec_from_args(args: Any, where: str, vocab_size: Optional[int] = None) -> M
     return ModelSpec.from_dict(d)
 
 
+# What Megatron's args cannot say: the HF model type (llama vs mistral: the same tensors), and
+# fields that change no tensor. A preset may set them; everything else it must agree with.
+GUESSED_FROM_ARGS = ("model_type", "max_position_embeddings", "sliding_window", "dtype")
+
+
+def spec_is_guessed(common: dict) -> bool:
+    ours = common.get("reshard") if isinstance(common, dict) else None
+    return not (isinstance(ours, dict) and isinstance(ours.get("spec"), dict))
+
+
 def layout_from_args(args: Any, spec: ModelSpec) -> Layout:
     vpp = _get(args, "virtual_pipeline_model_parallel_size")
     per_vstage = _get(args, "num_layers_per_virtual_pipeline_stage")

@@ -45,6 +45,8 @@ def make_args(spec: ModelSpec, layout: Layout, dtype: torch.dtype, ckpt_format: 
         add_qkv_bias=spec.qkv_bias,
         untie_embeddings_and_output_weights=not spec.tie_word_embeddings,
         position_embedding_type="rope",
+        add_position_embedding=False,  # compared by Megatron's check_checkpoint_args
+        use_rotary_position_embeddings=True,  # the older spelling
         rotary_base=spec.rope_theta,
         rotary_percent=1.0,
         use_rope_scaling=llama3_scaling,

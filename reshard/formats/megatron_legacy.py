@@ -195,6 +195,7 @@ def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[
     shapes = {n: e.part_shape(spec, role) for n, (e, role, _) in table.canonical_names(spec).items()}
     sizes = {os.path.relpath(f, root): os.path.getsize(f) for f in files.values()}
     index = SourceIndex(NAME, root, spec, shapes, dtypes, dict(slices), sizes, it)
+    index.guessed = mg.GUESSED_FROM_ARGS if mg.spec_is_guessed(first) else ()
     index.source_layout = src_layout
     return index
 

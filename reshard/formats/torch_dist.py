@@ -240,6 +240,7 @@ def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[
     shapes = {n: e.part_shape(spec, role) for n, (e, role, _) in table.canonical_names(spec).items()}
     sizes = {os.path.normpath(os.path.join(rel, f)): os.path.getsize(os.path.join(ckpt, f)) for f in files}
     index = SourceIndex(NAME, root, spec, shapes, dtypes, dict(slices), sizes, it)
+    index.guessed = mg.GUESSED_FROM_ARGS if mg.spec_is_guessed(common) else ()
     index.source_layout = mg.layout_of_common(common, spec) if "args" in common or "reshard" in common else None
     return index
 
