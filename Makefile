@@ -40,8 +40,10 @@ test: setup slurm-deps
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 bench: setup
-	$(PY) benchmarks/bench_plan.py
+	$(PY) benchmarks/bench_plan.py --dry-run
 	$(PY) benchmarks/bench_hf_to_torch_dist.py
+	$(PY) benchmarks/bench_convert.py --case legacy
+	$(PY) benchmarks/bench_convert.py --case td2hf
 
 gpu-check: setup
 	bash benchmarks/gpu_check.sh

@@ -43,6 +43,15 @@ def report(plan, file_based: bool) -> dict:
     if idle:
         warnings.append(f"{len(idle)} idle rank(s) (nothing to read or write): {idle[:16]}"
                         f"{' ...' if len(idle) > 16 else ''}; fewer ranks would do")
+    writers = [r for r in ranks if r["write"] > 0]
+    if len(writers) < len(ranks) and len(idle) < len(ranks) - len(writers):
+        warnings.append(f"{len(ranks) - len(writers)} rank(s) write nothing (only {len(writers)} hold target data)")
+    mean_w = sum(r["write"] for r in ranks) / max(1, len(ranks))
+    top = max(ranks, key=lambda r: r["write"]) if ranks else None
+    if top and mean_w and top["write"] > 2 * mean_w:
+        warnings.append(f"uneven writes: rank {top['rank']} writes {top['write'] / 1e9:.2f} GB, the mean is "
+                        f"{mean_w / 1e9:.2f} GB (estimated peak {top['est_peak_mb']:.0f} MB); with torch_dist, "
+                        "io.assign=auto lets every reader write what it read")
     biggest = max((p.out_nbytes for p in plan.pieces), default=0)
     if biggest > plan.buffer_bytes:
         warnings.append(f"the largest piece ({biggest / 2**20:.1f} MiB) is larger than the exchange buffer "

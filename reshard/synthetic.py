@@ -125,6 +125,36 @@ def write_hf(path: str, spec: ModelSpec, dtype: torch.dtype = torch.float32, sha
     return {"bytes": total, "files": n_files}
 
 
+def write_hf_sparse(path: str, spec: ModelSpec, dtype: torch.dtype = torch.bfloat16, files: int = 8) -> Dict[str, int]:
+    """An HF checkpoint with real headers, index and config but no data: the files are sparse
+    (their data is a hole the file system does not store). For dry runs and planning at scale -
+    ``reshard ... dry_run=true`` on a 405B layout without 800 GB of disk."""
+    os.makedirs(path, exist_ok=True)
+    index = fake_hf_index(spec, files, dtype)
+    names = {}
+    for name, sl in index.slices.items():
+        names.setdefault(sl[0].stored.file, []).append((name, sl[0].stored))
+    weight_map, total = {}, 0
+    for fname, items in sorted(names.items()):
+        header, off = {"__metadata__": {"format": "pt"}}, 0
+        for name, st in sorted(items, key=lambda x: x[1].offset):
+            header[name] = {"dtype": {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[dtype],
+                            "shape": list(st.shape), "data_offsets": [off, off + st.nbytes]}
+            off += st.nbytes
+            weight_map[name] = fname
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(os.path.join(path, fname), "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            f.truncate(8 + len(raw) + off)
+        total += off
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(to_hf_config(dataclasses.replace(spec, dtype=str(dtype).replace("torch.", ""))), f, indent=2)
+    return {"bytes": total, "files": len(names)}
+
+
 def main(argv: Optional[list] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("preset", help="a conf/model preset name, e.g. tiny_llama3")
@@ -133,12 +163,17 @@ def main(argv: Optional[list] = None) -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--scale-to-gb", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sparse", action="store_true",
+                    help="headers only, data left as holes (for dry runs of big models; never convert it)")
     a = ap.parse_args(argv)
     dtype = getattr(torch, a.dtype)
     spec = load_preset(a.preset)
     if a.scale_to_gb:
         spec = scaled(spec, a.scale_to_gb, dtype)
-    info = write_hf(a.out, spec, dtype, a.shards, a.seed)
+    if a.sparse:
+        info = write_hf_sparse(a.out, spec, dtype, a.shards)
+    else:
+        info = write_hf(a.out, spec, dtype, a.shards, a.seed)
     print(f"wrote {a.out}: {spec.model_type} {spec.num_layers} layers, hidden {spec.hidden_size}, "
           f"{info['bytes'] / 1e9:.3f} GB in {info['files']} file(s)")
 

@@ -139,3 +139,21 @@ def test_dry_run_moves_no_data_and_reports_per_rank(hf_models, tmp_path):
     assert "dry run: 64 rank(s)" in out and "est peak MB" in out
     assert "idle rank(s)" in out and "larger than the exchange buffer" in out
     assert not os.path.exists(target)
+
+
+def test_a_sparse_405b_checkpoint_plans_for_1024_ranks_through_the_cli(tmp_path):
+    """Headers only (the data is a hole): the real CLI dry-runs a 405B layout at 1,024 ranks."""
+    from reshard.formats import hf
+    from reshard.synthetic import load_preset, write_hf_sparse
+
+    src = str(tmp_path / "hf")
+    info = write_hf_sparse(src, load_preset("llama3.1_405b"), files=24)
+    index = hf.read_index(src)
+    assert index.total_bytes == info["bytes"] == 2 * 405_853_388_800
+    p = run_reshard([f"source.path={src}", f"target.path={tmp_path / 'out'}", "+model=llama3.1_405b",
+                     "dry_run=true", "dry_run_world=1024", "parallel.target_tp=8", "parallel.target_pp=16",
+                     "parallel.target_first_stage_layers=7", "parallel.target_last_stage_layers=7",
+                     f"paths.root={tmp_path}"], nproc=1)
+    out = p.stdout + p.stderr
+    assert "dry run: 1024 rank(s)" in out and "warnings: none" in out
+    assert not os.path.exists(tmp_path / "out")
