@@ -47,7 +47,7 @@ class TargetConfig:
     transformer_impl: str = "transformer_engine"  # or "local" (module names in legacy files)
     # hf: shard size; the file layout of an HF reference (default: the source when it is HF);
     # a folder whose tokenizer and other side files are copied (default: the source's own)
-    max_shard_size: str = "5GB"
+    max_shard_size: str = "auto"  # auto: 5GB, smaller when that would leave ranks without a file
     hf_reference: Optional[str] = None
     hf_side_files: Optional[str] = None
     meta_shards: int = 1  # meta: number of consolidated.NN.pth files

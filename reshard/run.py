@@ -142,7 +142,7 @@ def resolve(cfg, world: int) -> Job:
         writers_of = file_formats.writers_by_file(tgts, world)
     elif cfg.target.format == "hf":
         ref = cfg.target.hf_reference or (src if index.format == "hf" else None)
-        tgts = hf.targets(spec, table, dtype_of, cfg.target.max_shard_size, hf.reference_weight_map(ref))
+        tgts = hf.targets(spec, table, dtype_of, cfg.target.max_shard_size, hf.reference_weight_map(ref), world)
         writers_of = file_formats.writers_by_file(tgts, world)
     elif cfg.target.format == "meta":
         problems = meta.check_shards(spec, cfg.target.meta_shards)
@@ -332,16 +332,19 @@ def verify_output(job: Job, cfg, out_dir: str) -> dict:
 def _write_files(job: Job, cfg, rank: int, mine, source, ckpt_dir: str, wrote) -> None:
     """Formats of whole files (legacy, hf, meta): each rank assembles and writes its files."""
     table = table_for(job.spec)
-    for file, tensors in file_formats.assemble(mine, job.plan.targets, lambda p: source.payload(p, spans=False)):
-        if cfg.target.format == "megatron_legacy":
-            n = megatron_legacy.write_file(ckpt_dir, file, tensors, job.spec, job.layout, table, job.common,
-                                           cfg.io.fsync)
-        elif cfg.target.format == "hf":
-            n = hf.write_file(ckpt_dir, file, tensors, cfg.io.fsync)
-        else:
-            n = meta.write_file(ckpt_dir, file, tensors, cfg.io.fsync)
-        wrote(n, 0)
-        del tensors
+    payload = lambda p: source.payload(p, spans=False)  # noqa: E731
+    if cfg.target.format == "hf":  # streamed: one tensor in memory at a time
+        for file, items in file_formats.assemble_lazy(mine, job.plan.targets, payload):
+            wrote(hf.write_file(ckpt_dir, file, items, cfg.io.fsync), 0)
+    else:  # torch.save needs the file's dict whole
+        for file, tensors in file_formats.assemble(mine, job.plan.targets, payload):
+            if cfg.target.format == "megatron_legacy":
+                n = megatron_legacy.write_file(ckpt_dir, file, tensors, job.spec, job.layout, table, job.common,
+                                               cfg.io.fsync)
+            else:
+                n = meta.write_file(ckpt_dir, file, tensors, cfg.io.fsync)
+            wrote(n, 0)
+            del tensors
     if rank == 0:
         _write_side_files(job, cfg, ckpt_dir)
 

@@ -44,16 +44,16 @@ def writers_by_file(tgts: Sequence[TargetTensor], world: int) -> Callable[[Piece
 TRANSFORMS = {"rope_hf_to_meta": lambda t, hd: rope_hf_to_meta(t, t.shape[0] // hd)}
 
 
-def assemble(pieces: Sequence[Piece], tgts: Dict[str, TargetTensor], payload: Callable[[Piece], torch.Tensor]
-             ) -> Dict[str, Dict[str, torch.Tensor]]:
-    """Yield ``(file, {name: tensor})`` for each file these pieces fill, one file at a time."""
+def assemble_lazy(pieces: Sequence[Piece], tgts: Dict[str, TargetTensor],
+                  payload: Callable[[Piece], torch.Tensor]):
+    """Yield ``(file, [(target, build)])`` for each file these pieces fill, one file at a time;
+    ``build()`` assembles that one tensor (so a streaming writer holds one tensor at a time)."""
     by_file: Dict[str, Dict[str, List[Piece]]] = defaultdict(lambda: defaultdict(list))
     for p in pieces:
-        t = tgts[p.key]
-        by_file[t.file][p.key].append(p)
-    for file in sorted(by_file):
-        out = {}
-        for key, ps in by_file[file].items():
+        by_file[tgts[p.key].file][p.key].append(p)
+
+    def builder(key, ps):
+        def build() -> torch.Tensor:
             t = tgts[key]
             buf = torch.empty(t.shape, dtype=t.dtype)
             for p in ps:
@@ -63,8 +63,17 @@ def assemble(pieces: Sequence[Piece], tgts: Dict[str, TargetTensor], payload: Ca
                 del src
             if t.transform is not None:
                 buf = TRANSFORMS[t.transform[0]](buf, t.transform[1])
-            out[t.name] = buf
-        yield file, out
+            return buf
+        return build
+
+    for file in sorted(by_file):
+        yield file, [(tgts[key], builder(key, ps)) for key, ps in by_file[file].items()]
+
+
+def assemble(pieces: Sequence[Piece], tgts: Dict[str, TargetTensor], payload: Callable[[Piece], torch.Tensor]):
+    """Yield ``(file, {name: tensor})`` for each file these pieces fill, one file at a time."""
+    for file, items in assemble_lazy(pieces, tgts, payload):
+        yield file, {t.name: build() for t, build in items}
 
 
 def ensure_parent(path: str) -> None:

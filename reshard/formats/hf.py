@@ -139,14 +139,17 @@ def _parse_size(s) -> int:
     return int(t)
 
 
-def file_layout(names: Dict[str, int], max_shard_size, reference: Optional[Dict[str, str]] = None
-                ) -> Dict[str, str]:
+def file_layout(names: Dict[str, int], max_shard_size, reference: Optional[Dict[str, str]] = None,
+                world: int = 1) -> Dict[str, str]:
     """Canonical name -> output file. ``reference`` (an original weight_map) is followed where it
     names the tensor; otherwise tensors fill ``model-0000k-of-0000n.safetensors`` files of at most
     ``max_shard_size`` bytes in canonical order (a tensor larger than that gets a file alone)."""
     if reference and all(n in reference for n in names):
         return {n: reference[n] for n in names}
-    limit = _parse_size(max_shard_size)
+    if str(max_shard_size) == "auto":  # 5 GB, smaller when that would leave ranks without a file
+        limit = min(5 * 10**9, max(64 << 20, -(-sum(names.values()) // world)))
+    else:
+        limit = _parse_size(max_shard_size)
     groups: list = [[]]
     acc = 0
     for n, nbytes in names.items():
@@ -173,7 +176,8 @@ def canonical_order(table, spec) -> list:
     return sorted(names, key=key)
 
 
-def targets(spec, table, dtype_of, max_shard_size="5GB", reference: Optional[Dict[str, str]] = None):
+def targets(spec, table, dtype_of, max_shard_size="auto", reference: Optional[Dict[str, str]] = None,
+            world: int = 1):
     """One target tensor per canonical tensor (vocab padding never appears: it is not canonical)."""
     from ..plan import Placement, TargetTensor
 
@@ -185,7 +189,7 @@ def targets(spec, table, dtype_of, max_shard_size="5GB", reference: Optional[Dic
         for s in shapes[n]:
             b *= s
         nbytes[n] = b
-    files = file_layout(nbytes, max_shard_size, reference)
+    files = file_layout(nbytes, max_shard_size, reference, world)
     out = []
     for n in order:
         zero = (0,) * len(shapes[n])
@@ -206,18 +210,42 @@ def reference_weight_map(path: Optional[str]) -> Optional[Dict[str, str]]:
     return None
 
 
-def write_file(out_dir: str, file: str, tensors: Dict[str, torch.Tensor], fsync: bool) -> int:
-    from safetensors.torch import save_file
+_ST_DTYPES = {v: k for k, v in DTYPES.items()}
 
+
+def write_file(out_dir: str, file: str, items, fsync: bool) -> int:
+    """Stream one safetensors file: the header (every name, dtype, shape and offset is known
+    from the plan), then each tensor's bytes as it is assembled - one tensor in memory at a time.
+    ``items`` is ``[(target, build)]`` (or a ``{name: tensor}`` dict)."""
+    if isinstance(items, dict):
+        items = [(_Named(n, t), (lambda t=t: t)) for n, t in items.items()]
+    items = sorted(items, key=lambda it: it[0].name)
+    header, off = {"__metadata__": {"format": "pt"}}, 0
+    for t, _ in items:
+        n = t.dtype.itemsize
+        for x in t.shape:
+            n *= x
+        header[t.name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
     path = os.path.join(out_dir, file)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
-    if fsync:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    return sum(t.nbytes for t in tensors.values())
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for t, build in items:
+            x = build().contiguous()
+            assert tuple(x.shape) == tuple(t.shape) and x.dtype == t.dtype, t.name
+            f.write(memoryview(x.view(torch.uint8).numpy()) if x.numel() else b"")
+            del x
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    return off
+
+
+class _Named:
+    def __init__(self, name, tensor):
+        self.name, self.dtype, self.shape = name, tensor.dtype, tuple(tensor.shape)
 
 
 def hf_config(spec, dtype: torch.dtype, source_cfg: Optional[dict] = None) -> dict:
