@@ -18,7 +18,7 @@ from .errors import ConfigError
 
 SOURCE_FORMATS = ("auto", "hf", "torch_dist", "megatron_legacy", "meta")
 TARGET_FORMATS = ("torch_dist", "megatron_legacy", "hf", "meta")
-PLANNED_TARGET_FORMATS = ()
+PLANNED_TARGET_FORMATS = ()  # formats announced but not yet written (none at present)
 DTYPES = ("float32", "bfloat16", "float16")
 
 

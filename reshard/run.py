@@ -325,7 +325,7 @@ def verify_output(job: Job, cfg, out_dir: str) -> dict:
     totals = rdist.gather_objects((n_src, n_out))
     return {"ok": True, "tensors": len(names), "source_bytes_reread": sum(a for a, _ in totals),
             "output_bytes_reread": sum(b for _, b in totals), "seconds": round(time.perf_counter() - t0, 3),
-            "checksum": "sum(bits * w(index)) mod 2^31-1, two weightings",
+            "checksum": "sum_r u_k(r) * sum_v bits16[r,v] * w(v) mod P_k, P = 2^31-1 and 1e9+7",
             "coverage": "every target element written once; every source element used"}
 
 

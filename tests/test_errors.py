@@ -203,9 +203,15 @@ def test_invalid_options_are_reported_together():
         assert needle in msg
 
 
-def test_a_planned_target_format_says_it_is_not_in_this_version():
-    cfg = config.compose(["source.path=x", "target.format=hf"])
-    with pytest.raises(ConfigError, match="planned, not in this version"):
+def test_an_unknown_target_format_lists_the_supported_ones():
+    cfg = config.compose(["source.path=x", "target.format=gguf"])
+    with pytest.raises(ConfigError, match="'torch_dist', 'megatron_legacy', 'hf', 'meta'"):
+        config.validate(cfg)
+
+
+def test_a_megatron_layout_with_an_hf_or_meta_target_is_refused():
+    cfg = config.compose(["source.path=x", "target.format=hf", "parallel.target_tp=2"])
+    with pytest.raises(ConfigError, match="describe Megatron layouts"):
         config.validate(cfg)
 
 

@@ -32,7 +32,7 @@ def _max_diff(a, b):
 @pytest.mark.parametrize("family", ["llama2", "llama3", "mistral", "qwen2"])
 def test_torch_dist_to_hf_loads_in_transformers_with_the_source_logits(hf_models, tmp_path, family):
     td, out = str(tmp_path / "td"), str(tmp_path / "hf")
-    _conv(hf_models[family], td, 3, "parallel.target_tp=2", "parallel.target_pp=2")
+    _conv(hf_models[family], td, 1, "parallel.target_tp=2", "parallel.target_pp=2")
     _conv(td, out, 2, "target.format=hf", "target.max_shard_size=40KB")
     diff = _max_diff(hf_logits.logits(hf_models[family]), hf_logits.logits(out))
     print(f"{family}: max abs logits diff {diff:.3g}")
@@ -68,9 +68,9 @@ def test_hf_to_hf_keeps_the_original_file_layout_and_side_files(hf_models, tmp_p
 
 def test_torch_dist_to_hf_to_torch_dist_is_identical(hf_models, tmp_path):
     a, h, b = (str(tmp_path / x) for x in ("a", "h", "b"))
-    _conv(hf_models["qwen2"], a, 2, "parallel.target_tp=2", "parallel.target_pp=2")
+    _conv(hf_models["qwen2"], a, 1, "parallel.target_tp=2", "parallel.target_pp=2")
     _conv(a, h, 3, "target.format=hf")
-    _conv(h, b, 2, "parallel.target_tp=2", "parallel.target_pp=2")
+    _conv(h, b, 1, "parallel.target_tp=2", "parallel.target_pp=2")
     ta, _ = read_dcp(os.path.join(a, "release"))
     tb, _ = read_dcp(os.path.join(b, "release"))
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
@@ -81,7 +81,7 @@ def test_legacy_to_hf_to_legacy_is_identical(hf_models, tmp_path):
     legacy = ["target.format=megatron_legacy", "parallel.target_tp=2", "parallel.target_pp=2"]
     _conv(hf_models["llama3"], a, 2, *legacy)
     _conv(a, h, 3, "target.format=hf")
-    _conv(h, b, 2, *legacy)
+    _conv(h, b, 1, *legacy)
     n = 0
     for d in sorted(os.listdir(os.path.join(a, "release"))):
         x = torch.load(os.path.join(a, "release", d, "model_optim_rng.pt"), weights_only=False)["model"]
@@ -116,10 +116,10 @@ def _hf_with_8_heads(path):
 def test_hf_to_meta_to_hf_is_identical(tmp_path, shards):
     src = _hf_with_8_heads(str(tmp_path / "src"))
     meta, back = str(tmp_path / "meta"), str(tmp_path / "back")
-    _conv(src, meta, 3, "target.format=meta", f"target.meta_shards={shards}")
+    _conv(src, meta, 3 if shards == 8 else 1, "target.format=meta", f"target.meta_shards={shards}")
     assert sorted(f for f in os.listdir(meta) if f.endswith(".pth")) == [
         f"consolidated.{s:02d}.pth" for s in range(shards)]
-    _conv(meta, back, 2, "target.format=hf")
+    _conv(meta, back, 2 if shards == 2 else 1, "target.format=hf")
     a, b = load_hf(src), load_hf(back)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     if shards == 8:  # the RoPE permutation, proved by logits against an independent implementation
@@ -131,7 +131,7 @@ def test_hf_to_meta_to_hf_is_identical(tmp_path, shards):
 @pytest.mark.parametrize("family", ["llama2", "llama3"])
 def test_meta_output_gives_the_source_logits_in_a_meta_style_forward(hf_models, tmp_path, family):
     meta = str(tmp_path / "meta")
-    _conv(hf_models[family], meta, 2, "target.format=meta", "target.meta_shards=2")
+    _conv(hf_models[family], meta, 1, "target.format=meta", "target.meta_shards=2")
     with open(os.path.join(meta, "params.json")) as f:
         params = json.load(f)
     vocab = params["vocab_size"]
@@ -155,7 +155,7 @@ def test_meta_output_gives_the_source_logits_in_a_meta_style_forward(hf_models, 
 def test_meta_to_torch_dist_equals_hf_to_torch_dist(hf_models, tmp_path):
     meta, a, b = (str(tmp_path / x) for x in ("meta", "a", "b"))
     _conv(hf_models["llama3"], meta, 1, "target.format=meta", "target.meta_shards=2")
-    _conv(meta, a, 3, "parallel.target_tp=2", "parallel.target_pp=2")
+    _conv(meta, a, 2, "parallel.target_tp=2", "parallel.target_pp=2")
     _conv(hf_models["llama3"], b, 1, "parallel.target_tp=2", "parallel.target_pp=2")
     ta, _ = read_dcp(os.path.join(a, "release"))
     tb, _ = read_dcp(os.path.join(b, "release"))

@@ -1,7 +1,7 @@
 """Megatron <-> Megatron at any layout, with Megatron-core as the referee.
 
 Sources are made by Megatron-core itself on CPU (``tests/referees/mcore_ckpt.py make``): a
-random GPTModel at TP=2 PP=2 VPP=2 (or TP=2 PP=2 for the tied/bias family), saved as legacy
+random GPTModel at TP=2 PP=2 VPP=2 (or TP=2 PP=1 for the tied/bias family), saved as legacy
 files (its ``state_dict()`` per rank, ``args`` holding a Megatron enum, numpy RNG state) and
 with Megatron's own ``dist_checkpointing.save``. Outputs are loaded back by a GPTModel built
 at the target layout - legacy with strict ``load_state_dict`` on every rank, torch_dist with
@@ -46,8 +46,9 @@ def llama3_vpp(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qwen2_pp(tmp_path_factory):
-    """Qwen2 (qkv bias, tied embeddings: the last stage holds the output copy) at TP=2 PP=2."""
-    return _make(tmp_path_factory, "mc_qwen2", "tiny_qwen2", 2, 2, 0)
+    """Qwen2 (qkv bias, tied embeddings) made at TP=2 PP=1; read back at PP=2, where the last
+    stage must hold the output copy."""
+    return _make(tmp_path_factory, "mc_qwen2", "tiny_qwen2", 2, 1, 0)
 
 
 def _check(src, kind, ckpt, tp, pp, vpp=0):

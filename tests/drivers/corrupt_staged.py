@@ -25,9 +25,9 @@ def main():
     if mode == "flip":
         orig = hf.write_file
 
-        def flip(out_dir, file, tensors, fsync):
-            n = orig(out_dir, file, tensors, fsync)
-            if tensor in tensors:
+        def flip(out_dir, file, items, fsync):
+            n = orig(out_dir, file, items, fsync)
+            if any(t.name == tensor for t, _ in items):
                 path = os.path.join(out_dir, file)
                 with open(path, "r+b") as f:
                     (hlen,) = struct.unpack("<Q", f.read(8))
