@@ -25,6 +25,9 @@ def summarize(target: str) -> str:
         secs = ", ".join(f"{k} {v:.2f}s" for k, v in rk["seconds"].items())
         lines.append(f"  rank {rk['rank']}: read {rk['bytes_read']} B from {len(rk['files_opened'])} file(s), "
                      f"wrote {rk['bytes_written']} B, peak RSS {rk['peak_rss_mb']:.0f} MB ({secs})")
+    v = r.get("verify")
+    lines.append(f"verified: {v['tensors']} canonical tensors, checksums of the re-read output equal the source's "
+                 f"({v['seconds']:.2f} s)" if v else "not verified (verify=false)")
     return "\n".join(lines)
 
 
