@@ -24,6 +24,7 @@ from .errors import LayoutError, ReshardError, SourceError, VerifyError
 from .exchange import run_exchange
 from .formats import files as file_formats
 from .formats import hf, megatron_legacy, meta, torch_dist
+from .formats.base import read_rect
 from .formats.megatron import iteration_dirname
 from .formats.megatron_args import common_state
 from .layout import Layout
@@ -32,14 +33,12 @@ from .plan import Piece, Plan, build_plan, check_coverage
 from .progress import Progress, Stats
 from .spec import ModelSpec, check_preset
 from .staging import check_target, commit, discard, staging_dir
-from .transforms import rope_meta_to_hf
 
 log = logging.getLogger("reshard")
 
 SOURCE_FORMATS = {"hf": hf, "torch_dist": torch_dist, "megatron_legacy": megatron_legacy, "meta": meta}
 MEGATRON_TARGETS = ("torch_dist", "megatron_legacy")
 REPORT = "reshard_report.json"
-TRANSFORMS = {"rope_meta_to_hf": lambda t, block: rope_meta_to_hf(t, t.shape[0] // block)}
 TRACKER = "latest_checkpointed_iteration.txt"
 
 
@@ -181,27 +180,13 @@ class PieceSource:
     def read(self, p: Piece, into: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The piece in the target dtype; on ``device=cuda`` it lives (and is cast) on the GPU."""
         if p.transform is not None:
-            t = self._read_transformed(p)
+            t = read_rect(self.reader, p.stored, p.s_off, p.size, p.transform)
         else:
             t = self.reader.read(p.stored, p.s_off, p.s_size, into=into).reshape(p.size)
         self.stats["bytes_read"] += p.src_nbytes
         if self.device.type == "cuda":  # through pinned memory: an asynchronous copy, and `into` is free at once
             t = t.pin_memory().to(self.device, non_blocking=True)
         return t if t.dtype == p.dtype else t.to(p.dtype)
-
-    def _read_transformed(self, p: Piece) -> torch.Tensor:
-        """Stored rows permuted within blocks (Meta's RoPE order): read the whole blocks the
-        piece touches, put them in canonical order, keep the piece's rows."""
-        name, block = p.transform
-        lead = len(p.s_off) - len(p.size)
-        r0 = p.s_off[lead]
-        a = r0 // block * block
-        b = -(-(r0 + p.size[0]) // block) * block
-        off = p.s_off[:lead] + (a,) + tuple(p.s_off[lead + 1:])
-        size = (1,) * lead + (b - a,) + tuple(p.size[1:])
-        t = self.reader.read(p.stored, off, size).reshape((b - a,) + tuple(p.size[1:]))
-        t = TRANSFORMS[name](t, block)
-        return t[r0 - a:r0 - a + p.size[0]]
 
     def _read_into_scratch(self, p: Piece) -> torch.Tensor:
         # A piece read while writing is written before the next is read: one growing scratch

@@ -157,3 +157,11 @@ def rope_hf_to_meta(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     rest = w.shape[1:]
     hd = w.shape[0] // num_heads
     return w.reshape(num_heads, 2, hd // 2, *rest).transpose(1, 2).reshape(w.shape).contiguous()
+
+
+# Row permutations a stored or target tensor may carry, applied per block of ``block`` rows
+# (``SourceSlice.transform`` / ``TargetTensor.transform``: ``(name, block)``).
+ROW_PERMUTATIONS = {
+    "rope_meta_to_hf": lambda t, block: rope_meta_to_hf(t, t.shape[0] // block),
+    "rope_hf_to_meta": lambda t, block: rope_hf_to_meta(t, t.shape[0] // block),
+}

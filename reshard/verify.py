@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from . import dist as rdist
+from .formats.base import read_rect
 
 PRIMES = ((1 << 31) - 1, 1_000_000_007)
 P = PRIMES[0]
@@ -103,19 +104,7 @@ def index_checksums(index, reader_factory: Callable[[str], object], dtype_of: Op
 
 
 def _read_slice(reader, sl) -> torch.Tensor:
-    from .run import TRANSFORMS
-
-    lead = len(sl.s_off) - len(sl.size)
-    size = (1,) * lead + tuple(sl.size)
-    if sl.transform is None:
-        return reader.read(sl.stored, sl.s_off, size).reshape(sl.size).clone()
-    name, block = sl.transform
-    r0 = sl.s_off[lead]
-    a, b = r0 // block * block, -(-(r0 + sl.size[0]) // block) * block
-    off = sl.s_off[:lead] + (a,) + tuple(sl.s_off[lead + 1:])
-    t = reader.read(sl.stored, off, (1,) * lead + (b - a,) + tuple(sl.size[1:])).reshape(
-        (b - a,) + tuple(sl.size[1:]))
-    return TRANSFORMS[name](t, block)[r0 - a:r0 - a + sl.size[0]]
+    return read_rect(reader, sl.stored, sl.s_off, sl.size, sl.transform).clone()
 
 
 def covered_volume(rects: List[Tuple[Tuple[int, ...], Tuple[int, ...]]]) -> int:

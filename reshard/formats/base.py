@@ -184,3 +184,20 @@ class RawReader:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+def read_rect(reader, stored: StoredTensor, s_off, size, transform=None) -> torch.Tensor:
+    """Canonical rectangle ``size`` stored at ``s_off`` (which may have leading axes) of ``stored``.
+    With a row ``transform``, the whole blocks the rectangle touches are read, put in canonical
+    order and sliced."""
+    from ..transforms import ROW_PERMUTATIONS
+
+    lead = len(s_off) - len(size)
+    if transform is None:
+        return reader.read(stored, s_off, (1,) * lead + tuple(size)).reshape(size)
+    name, block = transform
+    r0 = s_off[lead]
+    a, b = r0 // block * block, -(-(r0 + size[0]) // block) * block
+    off = tuple(s_off[:lead]) + (a,) + tuple(s_off[lead + 1:])
+    t = reader.read(stored, off, (1,) * lead + (b - a,) + tuple(size[1:])).reshape((b - a,) + tuple(size[1:]))
+    return ROW_PERMUTATIONS[name](t, block)[r0 - a:r0 - a + size[0]]

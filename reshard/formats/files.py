@@ -8,14 +8,13 @@ serialised - so its peak is about its largest file plus what it received, never 
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
 from ..plan import Piece, TargetTensor
-from ..transforms import rope_hf_to_meta
+from ..transforms import ROW_PERMUTATIONS
 
 
 def file_owners(tgts: Sequence[TargetTensor], world: int) -> Dict[str, int]:
@@ -41,9 +40,6 @@ def writers_by_file(tgts: Sequence[TargetTensor], world: int) -> Callable[[Piece
     return lambda piece, t: (owners[t.file],)
 
 
-TRANSFORMS = {"rope_hf_to_meta": lambda t, hd: rope_hf_to_meta(t, t.shape[0] // hd)}
-
-
 def assemble_lazy(pieces: Sequence[Piece], tgts: Dict[str, TargetTensor],
                   payload: Callable[[Piece], torch.Tensor]):
     """Yield ``(file, [(target, build)])`` for each file these pieces fill, one file at a time;
@@ -62,7 +58,7 @@ def assemble_lazy(pieces: Sequence[Piece], tgts: Dict[str, TargetTensor],
                 buf[idx] = src.reshape(p.dst_size) if src.shape != p.dst_size else src
                 del src
             if t.transform is not None:
-                buf = TRANSFORMS[t.transform[0]](buf, t.transform[1])
+                buf = ROW_PERMUTATIONS[t.transform[0]](buf, t.transform[1])
             return buf
         return build
 
@@ -74,7 +70,3 @@ def assemble(pieces: Sequence[Piece], tgts: Dict[str, TargetTensor], payload: Ca
     """Yield ``(file, {name: tensor})`` for each file these pieces fill, one file at a time."""
     for file, items in assemble_lazy(pieces, tgts, payload):
         yield file, {t.name: build() for t, build in items}
-
-
-def ensure_parent(path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -216,9 +216,7 @@ _ST_DTYPES = {v: k for k, v in DTYPES.items()}
 def write_file(out_dir: str, file: str, items, fsync: bool) -> int:
     """Stream one safetensors file: the header (every name, dtype, shape and offset is known
     from the plan), then each tensor's bytes as it is assembled - one tensor in memory at a time.
-    ``items`` is ``[(target, build)]`` (or a ``{name: tensor}`` dict)."""
-    if isinstance(items, dict):
-        items = [(_Named(n, t), (lambda t=t: t)) for n, t in items.items()]
+    ``items`` is ``[(target, build)]``."""
     items = sorted(items, key=lambda it: it[0].name)
     header, off = {"__metadata__": {"format": "pt"}}, 0
     for t, _ in items:
@@ -241,11 +239,6 @@ def write_file(out_dir: str, file: str, items, fsync: bool) -> int:
             f.flush()
             os.fsync(f.fileno())
     return off
-
-
-class _Named:
-    def __init__(self, name, tensor):
-        self.name, self.dtype, self.shape = name, tensor.dtype, tuple(tensor.shape)
 
 
 def hf_config(spec, dtype: torch.dtype, source_cfg: Optional[dict] = None) -> dict:
