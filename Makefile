@@ -1,5 +1,6 @@
 # The two commands of the README:
-#   make demo   set everything up, convert the built-in tiny model on 2 ranks (HF -> torch_dist TP=2 PP=2)
+#   make demo   set everything up, convert the built-in tiny models on 2 ranks (HF -> torch_dist TP=2 PP=2;
+#               a tiny Mixtral -> torch_dist TP=2 EP=2)
 #   make test   set everything up, run the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -25,6 +26,11 @@ demo: setup
 	RESHARD_ROOT=demo $(VENV)/bin/torchrun --standalone --nproc-per-node 2 -m reshard \
 		+model=tiny_llama3 parallel.target_tp=2 parallel.target_pp=2
 	$(PY) -m reshard.report demo/tiny_llama3/torch_dist_tp2_pp2
+	# a mixture of experts: 8 experts over EP=2, expert weights split over TP=2
+	$(PY) -m reshard.synthetic tiny_mixtral demo/tiny_mixtral/hf --shards 3
+	RESHARD_ROOT=demo $(VENV)/bin/torchrun --standalone --nproc-per-node 2 -m reshard \
+		+model=tiny_mixtral parallel.target_tp=2 parallel.target_ep=2
+	$(PY) -m reshard.report demo/tiny_mixtral/torch_dist_tp2_pp1_ep2
 
 # The Slurm tests start a real single-node cluster: they need Debian's slurm-wlm and munge.
 slurm-deps:
@@ -44,6 +50,8 @@ bench: setup
 	$(PY) benchmarks/bench_hf_to_torch_dist.py
 	$(PY) benchmarks/bench_convert.py --case legacy
 	$(PY) benchmarks/bench_convert.py --case td2hf
+	$(PY) benchmarks/bench_plan.py --moe
+	$(PY) benchmarks/bench_convert.py --case moe
 
 gpu-check: setup
 	bash benchmarks/gpu_check.sh

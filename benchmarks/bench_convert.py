@@ -5,9 +5,13 @@ pattern of the usual tools:
                                                        # (baseline: load every rank file, merge, split, save)
     python benchmarks/bench_convert.py --case td2hf    # torch_dist TP=2 PP=2 -> HF safetensors
                                                        # (baseline: DCP-load everything, split, save)
+    python benchmarks/bench_convert.py --case moe      # HF Mixtral-style (8 experts) -> legacy TP=2 EP=2
+                                                       # (baseline: load the whole HF model, build every
+                                                       # mp_rank_TT_EEE file, save)
     [--sizes 0.5 2.0] [--repeat 2] [--workdir DIR]
 
-The sources are written once by reshard from synthetic bf16 Llama-3-style models (untimed);
+The sources are written once by reshard from synthetic bf16 Llama-3-style models (untimed; the
+MoE case converts a synthetic HF Mixtral-style model directly);
 then every method is timed in the same run on the same page-cached files, best of --repeat,
 interleaved. reshard runs with its default verification (checksums re-read from the output)
 unless --no-verify. Printed: marginal cost per GB against cp -r, start-up, speed-up over the
@@ -43,6 +47,9 @@ CASES = {
     "td2hf": {"title": "torch_dist TP=2 PP=2 -> HF safetensors",
               "make": ["parallel.target_tp=2", "parallel.target_pp=2"],
               "run": ["target.format=hf"]},
+    "moe": {"title": "HF Mixtral-style MoE (8 experts) -> Megatron legacy TP=2 EP=2", "make": None,
+            "preset": "tiny_mixtral",
+            "run": ["target.format=megatron_legacy", "parallel.target_tp=2", "parallel.target_ep=2"]},
 }
 
 
@@ -55,11 +62,14 @@ def reshard_cmd(nproc, src, dst, work, *extra):
 def bench_size(work: str, gb: float, repeat: int, nproc: int, case: str, verify: bool) -> dict:
     base = os.path.join(work, f"{case}{gb}")
     src = os.path.join(base, "src")
-    spec = scaled(load_preset("tiny_llama3"), gb, torch.bfloat16)
+    spec = scaled(load_preset(CASES[case].get("preset", "tiny_llama3")), gb, torch.bfloat16)
     if not os.path.isdir(src):
-        write_hf(os.path.join(base, "hf"), spec, torch.bfloat16, shards=max(2, round(gb / 0.5)))
-        timed(reshard_cmd(2, os.path.join(base, "hf"), src, work, "verify=false", *CASES[case]["make"]))
-        shutil.rmtree(os.path.join(base, "hf"))
+        if CASES[case]["make"] is None:  # the HF checkpoint is the source
+            write_hf(src, spec, torch.bfloat16, shards=max(2, round(gb / 0.5)))
+        else:
+            write_hf(os.path.join(base, "hf"), spec, torch.bfloat16, shards=max(2, round(gb / 0.5)))
+            timed(reshard_cmd(2, os.path.join(base, "hf"), src, work, "verify=false", *CASES[case]["make"]))
+            shutil.rmtree(os.path.join(base, "hf"))
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(src) for f in fs)
     out = {"bytes": size}
     times = {name: [] for name in ("cp", "reshard", "single")}
@@ -77,6 +87,9 @@ def bench_size(work: str, gb: float, repeat: int, nproc: int, case: str, verify:
                 out["rss"] = [r["peak_rss_mb"] for r in rep["ranks"]]
                 out["read"] = rep["totals"]["bytes_read"]
                 out["verify_s"] = rep.get("verify", {}).get("seconds", 0.0)
+            elif case == "moe":
+                dt, log = timed([sys.executable, os.path.join(HERE, "single_process_moe_baseline.py"),
+                                 src, dst, "2", "2"])
             elif case == "legacy":
                 dt, log = timed([sys.executable, os.path.join(HERE, "single_process_legacy_baseline.py"),
                                  os.path.join(src, "release"), dst, str(SRC_TP), str(SRC_PP), str(TP), str(PP)])
@@ -113,7 +126,8 @@ def main():
     marg = {m: (big[m] - small[m]) / dgb for m in ("cp", "reshard", "single")}
     start = {m: small[m] - marg[m] * small["bytes"] / 1e9 for m in marg}
     base_rss = baseline_rss_mb()
-    print(f"{CASES[a.case]['title']} on {a.nproc} ranks, synthetic bf16 Llama, warm page cache, best of {a.repeat}, "
+    model = "Mixtral-style MoE" if a.case == "moe" else "Llama"
+    print(f"{CASES[a.case]['title']} on {a.nproc} ranks, synthetic bf16 {model}, warm page cache, best of {a.repeat}, "
           f"verify={'off' if a.no_verify else 'on'} (at {big['bytes'] / 1e9:.2f} GB it took {big['verify_s']:.2f} s)")
     print(f"{'size GB':>8} {'cp -r s':>8} {'reshard s':>10} {'single s':>9} {'rank RSS MB':>16} {'single RSS MB':>14}")
     for r in (small, big):

@@ -3,6 +3,8 @@ at 1,024 simulated ranks into TP=8 PP=16, on one process - time and memory.
 
     python benchmarks/bench_plan.py [--preset llama3.1_405b] [--world 1024] [--tp 8] [--pp 16] [--files 191]
                                     [--first 7 --last 7]
+    python benchmarks/bench_plan.py --moe     # a Qwen3-235B-A22B-shaped MoE index (94 layers, 128
+                                              # experts, 4096 hidden, expert ffn 1536) into TP=4 PP=8 EP=32
 """
 
 import argparse
@@ -18,7 +20,14 @@ from reshard.layout import Layout  # noqa: E402
 from reshard.models import table_for  # noqa: E402
 from reshard.plan import build_plan, check_coverage  # noqa: E402
 from reshard.progress import peak_rss_mb  # noqa: E402
+from reshard.spec import ModelSpec  # noqa: E402
 from reshard.synthetic import fake_hf_index, load_preset  # noqa: E402
+
+# Qwen3-235B-A22B's shapes (its q/k norms - 2 x 128 values per layer - are not modelled here).
+QWEN3_235B_SHAPE = ModelSpec(
+    model_type="mixtral", num_layers=94, hidden_size=4096, num_attention_heads=64, num_query_groups=4,
+    head_dim=128, ffn_hidden_size=12288, vocab_size=151936, num_experts=128, moe_ffn_hidden_size=1536,
+    num_experts_per_tok=8, rope_theta=1e6, max_position_embeddings=40960, name="qwen3_235b_a22b_shape")
 
 
 def main():
@@ -32,18 +41,32 @@ def main():
     ap.add_argument("--first", type=int, default=7)
     ap.add_argument("--last", type=int, default=7)
     ap.add_argument("--buffer-mb", type=int, default=512)
+    ap.add_argument("--ep", type=int, default=1)
+    ap.add_argument("--moe", action="store_true",
+                    help="Qwen3-235B-shaped MoE index into TP=4 PP=8 EP=32 (first/last stage 11/11 layers)")
     ap.add_argument("--dry-run", action="store_true", help="also print the dry-run report of this plan")
     a = ap.parse_args()
+    if a.moe:  # 94 layers on 8 stages: 11 on the first and last, 12 on each of the 6 others
+        a.preset, a.tp, a.pp, a.ep, a.first, a.last, a.files = "qwen3_235b_a22b_shape", 4, 8, 32, 11, 11, 118
     rss0 = peak_rss_mb()
-    tracemalloc.start()
     t0 = time.perf_counter()
-    spec = load_preset(a.preset)
+    spec = QWEN3_235B_SHAPE if a.moe else load_preset(a.preset)
     index = fake_hf_index(spec, a.files)
-    layout = Layout(tp=a.tp, pp=a.pp, first_stage_layers=a.first, last_stage_layers=a.last)
+    index_s = time.perf_counter() - t0
+    layout = Layout(tp=a.tp, pp=a.pp, ep=a.ep, first_stage_layers=a.first, last_stage_layers=a.last)
     layout.check(spec)
-    tgts = torch_dist.targets(spec, layout, table_for(spec), lambda n: index.dtypes[n])
-    plan = build_plan(index, tgts, a.world, buffer_bytes=a.buffer_mb << 20)
+
+    def plan_once():
+        tgts = torch_dist.targets(spec, layout, table_for(spec), lambda n: index.dtypes[n])
+        return build_plan(index, tgts, a.world, buffer_bytes=a.buffer_mb << 20)
+
+    t0 = time.perf_counter()
+    plan = plan_once()
     took = time.perf_counter() - t0
+    del plan
+    # Allocations are measured in a second, untimed pass (tracemalloc slows Python several-fold).
+    tracemalloc.start()
+    plan = plan_once()
     _, py_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     t1 = time.perf_counter()
@@ -52,12 +75,16 @@ def main():
     assert not problems, problems[:5]
     reads = [s["read"] for s in plan.rank_stats()]
     mean = sum(reads) / len(reads)
-    print(f"{a.preset} ({index.total_bytes / 1e9:.1f} GB in {a.files} files) -> torch_dist tp={a.tp} pp={a.pp} "
-          f"(first/last stage {a.first}/{a.last} layers) "
-          f"on {a.world} simulated ranks")
-    print(f"plan: {took:.2f} s, {len(plan.pieces)} pieces (max {plan.max_piece_bytes / 2**20:.0f} MiB), "
+    moe = f", {spec.num_experts} experts" if spec.num_experts else ""
+    print(f"{a.preset} ({spec.num_layers} layers{moe}; {index.total_bytes / 1e9:.1f} GB in {a.files} files, "
+          f"{len(index.shapes)} tensors) -> torch_dist tp={a.tp} pp={a.pp} ep={a.ep} "
+          f"(first/last stage {a.first}/{a.last} layers) on {a.world} simulated ranks")
+    print(f"synthetic index (the metadata a reader would return): {index_s:.2f} s")
+    print(f"plan (targets + pieces + readers + rounds): {took:.2f} s, {len(plan.pieces)} pieces "
+          f"(max {plan.max_piece_bytes / 2**20:.0f} MiB), "
           f"{plan.num_rounds} exchange round(s)")
-    print(f"memory: Python allocations peak {py_peak / 2**20:.1f} MiB; process RSS {peak_rss_mb():.0f} MB "
+    print(f"memory: Python allocations peak {py_peak / 2**20:.1f} MiB while planning; "
+          f"process RSS {peak_rss_mb():.0f} MB "
           f"({peak_rss_mb() - rss0:.0f} MB above the interpreter with torch)")
     print(f"read balance: max/mean {max(reads) / mean:.3f}, min/mean {min(reads) / mean:.3f}; "
           f"idle ranks {sum(r == 0 for r in reads)}")

@@ -20,6 +20,7 @@ import torch
 
 from . import dist as rdist
 from .errors import ReshardError
+from .formats.base import stored_offset
 
 BLOCK_BYTES = 256 << 20
 
@@ -34,9 +35,8 @@ def _rows(index, name: str, reader, r0: int, r1: int) -> torch.Tensor:
         a, b = max(r0, sl.c_off[0]), min(r1, sl.c_off[0] + sl.size[0])
         if a >= b:
             continue
-        lead = len(sl.s_off) - len(sl.size)
         sub = type(sl)(sl.stored, (a,) + tuple(sl.c_off[1:]),
-                       sl.s_off[:lead] + (sl.s_off[lead] + a - sl.c_off[0],) + tuple(sl.s_off[lead + 1:]),
+                       stored_offset(sl.s_off, (a - sl.c_off[0],) + (0,) * (len(sl.size) - 1), sl.transform),
                        (b - a,) + tuple(sl.size[1:]), sl.transform)
         idx = (slice(a - r0, b - r0),) + tuple(slice(o, o + s) for o, s in zip(sl.c_off[1:], sl.size[1:]))
         out[idx] = _read_slice(reader, sub)

@@ -45,6 +45,9 @@ class TargetConfig:
     dtype: Optional[str] = None  # null keeps the source dtype
     iteration: Optional[int] = None  # null writes release/, an int writes iter_XXXXXXX/
     transformer_impl: str = "transformer_engine"  # or "local" (module names in legacy files)
+    # MoE into Megatron legacy: experts as TE grouped GEMM weights (linear_fc1.weight{j}) instead
+    # of SequentialMLP modules (local_experts.{j}.linear_fc1.weight)
+    moe_grouped_gemm: bool = False
     # hf: shard size; the file layout of an HF reference (default: the source when it is HF);
     # a folder whose tokenizer and other side files are copied (default: the source's own)
     max_shard_size: str = "auto"  # auto: 5GB, smaller when that would leave ranks without a file
@@ -69,7 +72,10 @@ class ParallelConfig:
 class IOConfig:
     buffer_mb: float = 512  # exchange budget per rank and round
     max_piece_mb: Optional[float] = None  # default: min(buffer/2, source/(8 N))
-    # auto: a rank writes what it read where the format allows; layout: mirror the target layout
+    # auto: nothing moves between ranks - torch_dist chunks are written by their reader, whole files
+    # (legacy, hf, meta) are read by their writer; layout: readers take contiguous runs of the
+    # source and pieces go to the rank that owns their target shard (torch_dist: as the target
+    # layout places it; whole files: the file's writer)
     assign: str = "auto"
     fsync: bool = True
     # copy bytes that pass unchanged file-to-file in the kernel (copy_file_range), never through
@@ -99,6 +105,14 @@ class ModelConfig:
     qkv_bias: Optional[bool] = None
     sliding_window: Optional[int] = None
     dtype: Optional[str] = None
+    num_experts: Optional[int] = None
+    moe_ffn_hidden_size: Optional[int] = None
+    num_experts_per_tok: Optional[int] = None
+    moe_norm_topk_prob: Optional[bool] = None
+    shared_expert_ffn_hidden_size: Optional[int] = None
+    shared_expert_gate: Optional[bool] = None
+    moe_expert_bias: Optional[bool] = None
+    moe_router_score_function: Optional[str] = None
 
 
 @dataclass
@@ -176,9 +190,9 @@ def validate(cfg) -> None:
         problems.append("io.progress must be auto, bar, log or none")
     if cfg.device not in ("cpu", "cuda"):
         problems.append(f"device={cfg.device!r}: use cpu or cuda")
-    if cfg.parallel.target_ep != 1 or cfg.parallel.target_etp not in (None, cfg.parallel.target_tp):
-        problems.append("parallel.target_ep/target_etp apply to mixture-of-experts models, which this version "
-                        "does not convert yet; leave them at 1/null")
+    if cfg.target.format in ("hf", "meta") and (p.target_ep, p.target_etp) != (1, None):
+        problems.append(f"parallel.target_ep/etp describe Megatron layouts; target.format={cfg.target.format} "
+                        "has none")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 

@@ -126,6 +126,14 @@ def format_text(info: dict) -> str:
                      f"heads {a['num_attention_heads']} (kv {a['num_query_groups']}), head_dim {a['head_dim']}, "
                      f"ffn {a['ffn_hidden_size']}, vocab {a['vocab_size']}, tied {a['tie_word_embeddings']}, "
                      f"qkv bias {a['qkv_bias']}, norm eps {a['norm_eps']:g}, {rope}")
+        if a.get("num_experts"):
+            shared = ""
+            if a.get("shared_expert_ffn_hidden_size"):
+                shared = (f", shared expert ffn {a['shared_expert_ffn_hidden_size']}"
+                          + (" (gated)" if a.get("shared_expert_gate") else ""))
+            lines.append(f"experts: {a['num_experts']} per layer, top-{a['num_experts_per_tok']}, expert ffn "
+                         f"{a.get('moe_ffn_hidden_size') or a['ffn_hidden_size']}{shared}"
+                         + (", router expert bias" if a.get("moe_expert_bias") else ""))
     lay = info.get("layout")
     if lay:
         lines.append("layout: " + ", ".join(f"{k}={v}" for k, v in lay.items() if v is not None))

@@ -29,6 +29,24 @@ class Layout:
     def vp(self) -> int:
         return self.vpp or 1
 
+    @property
+    def expert_tp(self) -> int:
+        """Expert tensor parallel size (Megatron's default: the tensor parallel size)."""
+        return self.etp or self.tp
+
+    def for_entry(self, entry) -> "Layout":
+        """The layout an entry's tensor is split by: experts use expert-TP, the rest TP."""
+        if getattr(entry, "expert", None) is None or self.expert_tp == self.tp:
+            return self
+        import dataclasses
+
+        return dataclasses.replace(self, tp=self.expert_tp)
+
+    def expert_rank(self, expert: int, num_experts: int) -> tuple:
+        """``(ep_rank, local index)`` of global expert ``expert``."""
+        per = num_experts // self.ep
+        return expert // per, expert % per
+
     def padded_vocab(self, vocab_size: int) -> int:
         """Megatron's padded vocab: ``ceil(V / (m*tp)) * (m*tp)``."""
         multiple = self.make_vocab_size_divisible_by * self.tp
@@ -70,6 +88,8 @@ class Layout:
         for name in ("tp", "pp", "ep"):
             if getattr(self, name) < 1:
                 out.append(f"parallel.target_{name}={getattr(self, name)} must be >= 1")
+        if self.etp is not None and self.etp < 1:
+            out.append(f"parallel.target_etp={self.etp} must be >= 1 or null")
         if self.vpp is not None and self.vpp < 1:
             out.append(f"parallel.target_vpp={self.vpp} must be >= 1 or null")
         if self.make_vocab_size_divisible_by < 1:
@@ -82,10 +102,22 @@ class Layout:
         ng = spec.num_query_groups
         if ng % tp and tp % ng:
             out.append(f"num_query_groups={ng} must be a multiple or a divisor of tp={tp} (as Megatron-core requires)")
-        if spec.ffn_hidden_size % tp:
+        if not spec.num_experts and spec.ffn_hidden_size % tp:
             out.append(f"ffn_hidden_size={spec.ffn_hidden_size} is not divisible by tp={tp}")
         if spec.qkv_rows % tp:
             out.append(f"fused QKV rows (nh+2*ng)*head_dim={spec.qkv_rows} are not divisible by tp={tp}")
+        if spec.num_experts:
+            E, etp = spec.num_experts, self.expert_tp
+            if E % self.ep:
+                out.append(f"num_experts={E} is not divisible by ep={self.ep}")
+            if spec.expert_ffn % etp:
+                out.append(f"moe_ffn_hidden_size={spec.expert_ffn} is not divisible by expert tp={etp}")
+            if spec.shared_expert_ffn_hidden_size % tp:
+                out.append(f"shared_expert_ffn_hidden_size={spec.shared_expert_ffn_hidden_size} is not "
+                           f"divisible by tp={tp}")
+        elif self.ep != 1 or self.etp not in (None, tp):
+            out.append(f"ep={self.ep}/etp={self.etp} apply to mixture-of-experts models; "
+                       f"{spec.name or spec.model_type} is dense")
         out += self._pipeline_problems(L)
         return out
 
@@ -113,7 +145,9 @@ class Layout:
         problems = self.problems(spec)
         if problems:
             raise LayoutError(
-                f"target layout tp={self.tp} pp={self.pp} vpp={self.vpp} does not fit the model "
+                f"target layout tp={self.tp} pp={self.pp} vpp={self.vpp}"
+                + (f" ep={self.ep} etp={self.expert_tp}" if self.ep > 1 or self.etp else "")
+                + f" does not fit the model "
                 f"({spec.name or spec.model_type}, {spec.num_layers} layers):\n  - " + "\n  - ".join(problems)
                 + "\nChoose parallel sizes that divide these numbers."
             )

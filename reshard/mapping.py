@@ -5,10 +5,16 @@ An entry names the canonical tensor(s) it consumes (``{i}`` = layer index), the 
 name (Transformer-Engine spelling, plus the local-spec spelling where it differs, relative to
 ``decoder.layers.{i}.`` for layer entries), and how the Megatron tensor is made of the
 canonical ones (:class:`~reshard.transforms.Segment` lists along dim 0) and split over TP.
+
+Mixture-of-experts entries are written once with an ``{e}`` (global expert) placeholder in
+their canonical names and ``{j}`` (expert index local to an expert-parallel rank) in their
+Megatron names; :meth:`MappingTable.for_spec` expands them into one entry per expert, so
+every expert is planned, moved and verified like any other tensor - no fused expert stack.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import ClassVar, Dict, List, Optional, Tuple
@@ -18,6 +24,7 @@ from .spec import ModelSpec
 from .transforms import Segment, gated_segments, qkv_segments, vocab_segments
 
 # Symbolic dimensions used in entry shapes, resolved against a spec.
+@functools.lru_cache(maxsize=64)
 def dims(spec: ModelSpec) -> Dict[str, int]:
     return {
         "hidden": spec.hidden_size,
@@ -25,6 +32,10 @@ def dims(spec: ModelSpec) -> Dict[str, int]:
         "vocab": spec.vocab_size,
         "q_rows": spec.num_attention_heads * spec.head_dim,
         "kv_rows": spec.num_query_groups * spec.head_dim,
+        "experts": spec.num_experts,
+        "moe_ffn": spec.expert_ffn,
+        "shared_ffn": spec.shared_expert_ffn_hidden_size,
+        "one": 1,
     }
 
 
@@ -36,8 +47,36 @@ class Entry:
     local: Optional[str] = None
     when: Optional[str] = None  # spec predicate: "qkv_bias", "untied"
     extra_state: Optional[str] = None  # module whose `_extra_state` Megatron checkpoints
+    # torch_dist key (layer-relative) when it is not ``mcore``; other keys it is also written under
+    dist: Optional[str] = None
+    aliases: Tuple[str, ...] = ()
+    # experts: Megatron's TE grouped-GEMM name (``{j}`` = local expert), and the expert this
+    # entry is for once expanded (None: not an expert tensor)
+    grouped: Optional[str] = None
+    expert: Optional[int] = None
+    is_expert: bool = False
 
     tp_rule: ClassVar[str] = ""
+
+    @property
+    def dist_key(self) -> str:
+        return self.dist or self.mcore
+
+    def for_expert(self, e: int) -> "Entry":
+        """This expert-template entry for global expert ``e`` (canonical names filled in)."""
+        import dataclasses
+
+        changes = {f.name: getattr(self, f.name).replace("{e}", str(e)) for f in dataclasses.fields(self)
+                   if isinstance(getattr(self, f.name), str) and "{e}" in getattr(self, f.name)}
+        return dataclasses.replace(self, expert=e, **changes)
+
+    def megatron_name(self, local_expert: Optional[int] = None, grouped: bool = False,
+                      impl: str = "transformer_engine") -> str:
+        """The layer-relative name in a legacy file (``local_expert`` = index on its EP rank)."""
+        if self.is_expert:
+            tmpl = self.grouped if grouped and self.grouped else self.mcore
+            return tmpl.format(j=local_expert)
+        return self.local if (impl == "local" and self.local) else self.mcore
 
     def parts(self) -> Dict[str, str]:
         """Role -> canonical name template."""
@@ -64,6 +103,12 @@ class Entry:
             return spec.qkv_bias
         if self.when == "untied":
             return not spec.tie_word_embeddings
+        if self.when == "shared_expert":
+            return spec.shared_expert_ffn_hidden_size > 0
+        if self.when == "shared_gate":
+            return spec.shared_expert_ffn_hidden_size > 0 and spec.shared_expert_gate
+        if self.when == "expert_bias":
+            return spec.moe_expert_bias
         raise AssertionError(f"unknown predicate {self.when}")
 
 
@@ -138,15 +183,16 @@ class GatedMLP(Entry):
     tp_rule: ClassVar[str] = "gated"
     gate: str = ""
     up: str = ""
+    ffn: str = "ffn"  # which ffn size (dims key): ffn, moe_ffn, shared_ffn
 
     def parts(self):
         return {"gate": self.gate, "up": self.up}
 
     def part_shape(self, spec, role):
-        return (spec.ffn_hidden_size, spec.hidden_size)
+        return (dims(spec)[self.ffn], spec.hidden_size)
 
     def segments(self, spec, layout):
-        return gated_segments(spec.ffn_hidden_size)
+        return gated_segments(dims(spec)[self.ffn])
 
 
 @dataclass(frozen=True)
@@ -171,6 +217,8 @@ class MappingTable:
         for scope, entries in (("top", self.top), ("layer", self.layer)):
             for e in entries:
                 for role, name in e.parts().items():
+                    if e.is_expert != ("{e}" in name) and e.expert is None:
+                        raise AssertionError(f"{self.family}: {name!r}: expert entries (and only they) name {{e}}")
                     count = name.count("{i}")
                     if count != (1 if scope == "layer" else 0):
                         raise AssertionError(f"{self.family}: {scope} entry {name!r} has {count} layer placeholders")
@@ -183,6 +231,15 @@ class MappingTable:
                     if (scope, mc) in seen_mc and mc != e.mcore:
                         raise AssertionError(f"{self.family}: Megatron name {mc!r} used twice")
                     seen_mc.add((scope, mc))
+
+    def for_spec(self, spec: ModelSpec) -> "MappingTable":
+        """Expert templates expanded for ``spec.num_experts`` experts (the table itself when dense)."""
+        if not any(e.is_expert for e in self.layer):
+            return self
+        layer = []
+        for e in self.layer:
+            layer.extend([e.for_expert(k) for k in range(spec.num_experts)] if e.is_expert else [e])
+        return MappingTable(self.family, self.top, tuple(layer), self.dropped, self.layer_prefix)
 
     def is_dropped(self, name: str) -> bool:
         return any(r.match(name) for r in self._dropped_re)

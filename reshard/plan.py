@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .errors import SourceError
-from .formats.base import Shape, SourceIndex, StoredTensor
+from .formats.base import Shape, SourceIndex, StoredTensor, stored_offset, stored_size
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class Piece:
     @property
     def s_size(self) -> Shape:
         """The rectangle of the stored tensor (with its leading axes, if any)."""
-        return (1,) * (len(self.s_off) - len(self.size)) + tuple(self.size)
+        return (1,) * (len(self.s_off) - len(self.size)) + stored_size(self.size, self.transform)
 
     @property
     def numel(self) -> int:
@@ -141,8 +141,7 @@ def _pieces_for(pl: Placement, tgt: TargetTensor, index: SourceIndex) -> List[Pi
         # A repeated row split over source files (Meta embeddings are split by columns) becomes one
         # repeated piece per part: each broadcasts its columns over the same rows.
         assert pl.repeat == 1 or size[0] == 1
-        s_lead = len(sl.s_off) - len(sl.c_off)
-        s_off = sl.s_off[:s_lead] + tuple(s + (o - c) for s, o, c in zip(sl.s_off[s_lead:], off, sl.c_off))
+        s_off = stored_offset(sl.s_off, tuple(o - c for o, c in zip(off, sl.c_off)), sl.transform)
         d_off = pl.dst_off[:pl.lead] + tuple(
             d + (o - c) for d, o, c in zip(pl.dst_off[pl.lead:], off, pl.c_off))
         out.append(Piece(-1, pl.canonical, sl.stored, s_off, size, tgt.key, d_off, tgt.dtype, pl.repeat,
@@ -161,10 +160,9 @@ def _split(p: Piece, max_bytes: int) -> List[Piece]:
     step = max(1, max_bytes // row_bytes)
     out = []
     lead = len(p.dst_off) - len(p.size)
-    s_lead = len(p.s_off) - len(p.size)
     for r in range(0, p.size[0], step):
         n = min(step, p.size[0] - r)
-        s_off = p.s_off[:s_lead] + (p.s_off[s_lead] + r,) + tuple(p.s_off[s_lead + 1:])
+        s_off = stored_offset(p.s_off, (r,) + (0,) * (len(p.size) - 1), p.transform)
         d_off = p.dst_off[:lead] + (p.dst_off[lead] + r,) + tuple(p.dst_off[lead + 1:])
         c_off = (p.c_off[0] + r,) + tuple(p.c_off[1:]) if p.c_off else ()
         out.append(Piece(-1, p.canonical, p.stored, s_off, (n,) + tuple(p.size[1:]), p.key, d_off, p.dtype,
@@ -215,9 +213,12 @@ def build_plan(
     buffer_bytes: int = 512 << 20,
     max_piece_bytes: Optional[int] = None,
     writers_of: Optional[Callable[[Piece, TargetTensor], Tuple[int, ...]]] = None,
+    read_by_writer: bool = False,
 ) -> Plan:
     """Plan the whole conversion. ``writers_of`` gives the ranks that must store a piece;
-    by default the reader writes it (formats whose chunks may be written by any rank)."""
+    by default the reader writes it (formats whose chunks may be written by any rank).
+    ``read_by_writer``: each piece is read by (the first of) its writers - nothing moves between
+    ranks; otherwise readers take contiguous runs of the source and pieces move to their writers."""
     assert world >= 1
     by_key = {t.key: t for t in targets}
     pieces: List[Piece] = []
@@ -230,6 +231,8 @@ def build_plan(
     _assign_readers(pieces, world)
     for p in pieces:
         p.writers = tuple(writers_of(p, by_key[p.key])) if writers_of else (p.reader,)
+        if read_by_writer:
+            p.reader = p.writers[0]
     num_rounds = _assign_rounds(pieces, world, buffer_bytes)
     return Plan(world, pieces, by_key, num_rounds, max_piece_bytes, buffer_bytes)
 

@@ -31,7 +31,7 @@ from .layout import Layout
 from .models import table_for
 from .plan import Piece, Plan, build_plan, check_coverage
 from .progress import Progress, Stats
-from .spec import ModelSpec, check_preset
+from .spec import ModelSpec, check_preset, hf_problems
 from .staging import check_target, commit, discard, staging_dir
 
 log = logging.getLogger("reshard")
@@ -100,6 +100,10 @@ def check_source(index, table, spec: ModelSpec) -> None:
     problems = []
     if missing:
         problems.append(f"{len(missing)} tensor(s) the architecture needs are absent: {_few(missing)}")
+        experts = sorted({(wanted[n][2], wanted[n][0].expert) for n in missing if wanted[n][0].expert is not None})
+        if experts:
+            problems.append(f"missing experts ({len(experts)}): "
+                            + _few([f"layer {i} expert {e}" for i, e in experts]))
     if unknown:
         problems.append(f"{len(unknown)} tensor(s) this architecture does not have (refusing to drop them "
                         f"silently): {_few(unknown)}")
@@ -137,13 +141,25 @@ def resolve(cfg, world: int) -> Job:
     cast = getattr(torch, cfg.target.dtype) if cfg.target.dtype else None
     dtype_of = (lambda name: cast) if cast else (lambda name: index.dtypes[name])
     if cfg.target.format == "megatron_legacy":
-        tgts = megatron_legacy.targets(spec, layout, table, dtype_of, cfg.target.transformer_impl)
+        if spec.is_moe and layout.expert_tp != layout.tp:
+            raise LayoutError(f"target.format=megatron_legacy: parallel.target_etp={layout.expert_tp} must equal "
+                              f"target_tp={layout.tp} (Megatron names legacy files by TP and EP rank only); "
+                              "write torch_dist for a separate expert TP")
+        tgts = megatron_legacy.targets(spec, layout, table, dtype_of, cfg.target.transformer_impl,
+                                       cfg.target.moe_grouped_gemm)
         writers_of = file_formats.writers_by_file(tgts, world)
     elif cfg.target.format == "hf":
+        lost = hf_problems(spec)
+        if lost:
+            raise LayoutError(f"cannot write {spec.name or spec.model_type} as Hugging Face {spec.architecture} "
+                              "without losing weights or changing the model:\n  - " + "\n  - ".join(lost))
         ref = cfg.target.hf_reference or (src if index.format == "hf" else None)
         tgts = hf.targets(spec, table, dtype_of, cfg.target.max_shard_size, hf.reference_weight_map(ref), world)
         writers_of = file_formats.writers_by_file(tgts, world)
     elif cfg.target.format == "meta":
+        if spec.is_moe:
+            raise LayoutError("target.format=meta: Meta's consolidated format is written for dense Llama models "
+                              "only; mixture-of-experts models go to hf, torch_dist or megatron_legacy")
         problems = meta.check_shards(spec, cfg.target.meta_shards)
         if problems:
             raise LayoutError(f"cannot write {spec.name or spec.model_type} as Meta shards:\n  - "
@@ -156,14 +172,16 @@ def resolve(cfg, world: int) -> Job:
         writers_of = torch_dist.layout_writers(spec, layout, world) if cfg.io.assign == "layout" else None
     plan = build_plan(index, tgts, world, buffer_bytes=int(cfg.io.buffer_mb * 2**20),
                       max_piece_bytes=int(cfg.io.max_piece_mb * 2**20) if cfg.io.max_piece_mb else None,
-                      writers_of=writers_of)
+                      writers_of=writers_of,
+                      read_by_writer=cfg.io.assign == "auto" and cfg.target.format != "torch_dist")
     problems = check_coverage(plan, {n: index.shapes[n] for n in table.canonical_names(spec)})
     if problems:  # a planner bug, never an input problem: refuse to write anything
         raise VerifyError("the plan does not cover the conversion exactly:\n  - " + "\n  - ".join(problems[:20]))
     main_dtype = tgts[0].dtype if tgts else torch.float32
     ckpt_format = "torch" if cfg.target.format == "megatron_legacy" else "torch_dist"
     common = common_state(spec, layout, main_dtype, ckpt_format, cfg.target.iteration,
-                          cfg.target.transformer_impl, {"format": index.format, "path": src})
+                          cfg.target.transformer_impl, {"format": index.format, "path": src},
+                          cfg.target.moe_grouped_gemm)
     return Job(src, tgt, spec, layout, index, plan, common,
                torch_dist.extra_state_keys(spec, table), cfg.target.iteration, dtype_of)
 
@@ -395,10 +413,12 @@ def convert(cfg) -> dict:
             err = e
     rdist.agree(err, "planning")
     if rank == 0:
-        log.info("%s -> %s: %s, %d layers, source %s %.3f GB in %d files; target %s tp=%d pp=%d vpp=%s "
+        moe = (f" ep={job.layout.ep} etp={job.layout.expert_tp} ({job.spec.num_experts} experts)"
+               if job.spec.is_moe else "")
+        log.info("%s -> %s: %s, %d layers, source %s %.3f GB in %d files; target %s tp=%d pp=%d vpp=%s%s "
                  "on %d rank(s) (%s); %d pieces, %d exchange round(s)", job.source, job.target,
                  job.spec.model_type, job.spec.num_layers, job.index.format, job.index.total_bytes / 1e9,
-                 len(job.index.files), cfg.target.format, job.layout.tp, job.layout.pp, job.layout.vpp, world,
+                 len(job.index.files), cfg.target.format, job.layout.tp, job.layout.pp, job.layout.vpp, moe, world,
                  env.launcher, len(job.plan.pieces), job.plan.num_rounds)
     if cfg.dry_run:
         from . import dryrun

@@ -19,14 +19,19 @@ from .errors import ConfigError, SourceError, UnsupportedError
 log = logging.getLogger(__name__)
 
 # HF model_type -> mapping-table family (see reshard/models/).
-MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama"}
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama",
+               "mixtral": "mixtral", "qwen2_moe": "qwen2_moe"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
+MOE_TYPES = ("mixtral", "qwen2_moe")
 
 # Fields that change the weights or the maths: a preset that disagrees on one is an error.
 STRUCTURAL_FIELDS = (
     "model_type", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
     "head_dim", "ffn_hidden_size", "vocab_size", "norm_eps", "rope_theta", "rope_scaling",
-    "tie_word_embeddings", "qkv_bias",
+    "tie_word_embeddings", "qkv_bias", "num_experts", "moe_ffn_hidden_size", "num_experts_per_tok",
+    "moe_norm_topk_prob", "shared_expert_ffn_hidden_size", "shared_expert_gate", "moe_expert_bias",
+    "moe_router_score_function",
 )
 # Fields that are carried through but do not change any tensor: a mismatch is a warning.
 INFORMATIONAL_FIELDS = ("max_position_embeddings", "sliding_window", "dtype")
@@ -52,7 +57,24 @@ class ModelSpec:
     qkv_bias: bool = False
     sliding_window: Optional[int] = None
     dtype: str = "bfloat16"
+    # mixture of experts (0 experts: a dense model). Every layer is an MoE layer.
+    num_experts: int = 0
+    moe_ffn_hidden_size: Optional[int] = None  # expert ffn size (default: ffn_hidden_size)
+    num_experts_per_tok: int = 0
+    moe_norm_topk_prob: bool = True  # top-k probabilities renormalised (Mixtral) or not (Qwen2-MoE)
+    shared_expert_ffn_hidden_size: int = 0  # 0: no shared expert
+    shared_expert_gate: bool = False  # sigmoid gate [1, h] on the shared expert's output
+    moe_expert_bias: bool = False  # router expert bias [E] (aux-loss-free balancing)
+    moe_router_score_function: str = "softmax"  # Megatron's; sigmoid (with expert bias) has no HF form here
     name: Optional[str] = field(default=None, compare=False)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def expert_ffn(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
 
     @property
     def family(self) -> str:
@@ -88,7 +110,8 @@ class ModelSpec:
         )
         if missing:
             raise ConfigError(f"model spec is missing required fields {missing}")
-        d = {k: v for k, v in d.items() if v is not None or k in ("rope_scaling", "sliding_window", "name")}
+        d = {k: v for k, v in d.items()
+             if v is not None or k in ("rope_scaling", "sliding_window", "name", "moe_ffn_hidden_size")}
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = _freeze(d["rope_scaling"])
         spec = cls(**d)
@@ -112,6 +135,16 @@ class ModelSpec:
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_query_groups={self.num_query_groups}"
             )
+        if self.model_type in MOE_TYPES and self.num_experts <= 0:
+            problems.append(f"model_type={self.model_type} is a mixture of experts: num_experts must be positive")
+        if self.num_experts and self.model_type not in MOE_TYPES:
+            problems.append(f"num_experts={self.num_experts} but model_type={self.model_type} is a dense family "
+                            f"(mixture-of-experts types: {list(MOE_TYPES)})")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            problems.append(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..{self.num_experts}")
+        if self.model_type == "qwen2_moe" and not (self.shared_expert_ffn_hidden_size and self.shared_expert_gate):
+            problems.append("qwen2_moe has a gated shared expert: set shared_expert_ffn_hidden_size and "
+                            "shared_expert_gate=true")
         if problems:
             raise ConfigError("inconsistent model spec: " + "; ".join(problems))
 
@@ -168,19 +201,38 @@ def spec_from_hf_config(cfg: Mapping[str, Any], where: str = "config.json") -> M
             head_dim=int(cfg.get("head_dim") or h // nh),
             ffn_hidden_size=int(cfg["intermediate_size"]),
             vocab_size=int(cfg["vocab_size"]),
-            norm_eps=float(cfg.get("rms_norm_eps", 1e-6 if model_type == "qwen2" else 1e-5)),
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6 if model_type.startswith("qwen2") else 1e-5)),
             rope_theta=float(theta),
             rope_scaling=_rope_scaling_from_hf(rope_scaling),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+            qkv_bias=model_type in ("qwen2", "qwen2_moe") or bool(cfg.get("attention_bias", False)),
             sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
             dtype=str(dtype).replace("torch.", ""),
+            **_moe_from_hf(cfg, model_type, where),
         )
     except KeyError as e:
         raise SourceError(f"{where}: required field {e.args[0]!r} is missing") from None
     spec.check()
     return spec
+
+
+def _moe_from_hf(cfg: Mapping[str, Any], model_type: str, where: str) -> dict:
+    if model_type == "mixtral":
+        return dict(num_experts=int(cfg["num_local_experts"]), num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+                    moe_ffn_hidden_size=int(cfg["intermediate_size"]), moe_norm_topk_prob=True)
+    if model_type == "qwen2_moe":
+        step, dense = int(cfg.get("decoder_sparse_step", 1)), list(cfg.get("mlp_only_layers") or [])
+        if step != 1 or dense:
+            raise UnsupportedError(
+                f"{where}: decoder_sparse_step={step}, mlp_only_layers={dense}: models that mix dense and MoE "
+                "layers are not supported (every layer must be an MoE layer)")
+        return dict(num_experts=int(cfg["num_experts"]), num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+                    moe_ffn_hidden_size=int(cfg["moe_intermediate_size"]),
+                    moe_norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+                    shared_expert_ffn_hidden_size=int(cfg["shared_expert_intermediate_size"]),
+                    shared_expert_gate=True)
+    return {}
 
 
 def read_hf_config(path: str) -> ModelSpec:
@@ -250,8 +302,37 @@ def to_hf_config(spec: ModelSpec) -> dict:
     if spec.model_type == "llama":
         cfg["attention_bias"] = spec.qkv_bias
         cfg["mlp_bias"] = False
-    if spec.model_type in ("mistral", "qwen2"):
+    if spec.model_type in ("mistral", "qwen2", "mixtral", "qwen2_moe"):
         cfg["sliding_window"] = spec.sliding_window
-    if spec.model_type == "qwen2":
+    if spec.model_type in ("qwen2", "qwen2_moe"):
         cfg["use_sliding_window"] = False
+    if spec.is_moe:
+        cfg["num_experts_per_tok"] = spec.num_experts_per_tok
+        cfg["output_router_logits"] = False
+    if spec.model_type == "mixtral":
+        cfg["num_local_experts"] = spec.num_experts
+        cfg["intermediate_size"] = spec.expert_ffn
+    if spec.model_type == "qwen2_moe":
+        cfg.update(num_experts=spec.num_experts, moe_intermediate_size=spec.expert_ffn,
+                   shared_expert_intermediate_size=spec.shared_expert_ffn_hidden_size,
+                   norm_topk_prob=spec.moe_norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[],
+                   qkv_bias=spec.qkv_bias)
     return cfg
+
+
+def hf_problems(spec: ModelSpec) -> list:
+    """What transformers' class for ``spec.model_type`` cannot represent (exporting would lose it)."""
+    out = []
+    if spec.model_type == "mixtral":
+        if spec.shared_expert_ffn_hidden_size:
+            out.append("Mixtral has no shared expert")
+        if spec.qkv_bias:
+            out.append("Mixtral has no q/k/v biases")
+        if not spec.moe_norm_topk_prob:
+            out.append("Mixtral always renormalises the top-k router probabilities")
+    if spec.moe_expert_bias:
+        out.append(f"{spec.architecture} has no router expert bias")
+    if spec.is_moe and spec.moe_router_score_function != "softmax":
+        out.append(f"{spec.architecture} routes with softmax, the checkpoint with "
+                   f"{spec.moe_router_score_function}")
+    return out

@@ -62,6 +62,10 @@ def scaled(spec: ModelSpec, gb: float, dtype: torch.dtype) -> ModelSpec:
         s = dataclasses.replace(spec, hidden_size=h, num_attention_heads=h // 64, num_query_groups=max(1, h // 256),
                                 head_dim=64, ffn_hidden_size=int(h * 8 / 3) // 64 * 64, vocab_size=32000,
                                 num_layers=8)
+        if spec.is_moe:  # experts half the dense ffn size (the shared expert, if any, the full size)
+            shared = s.ffn_hidden_size if spec.shared_expert_ffn_hidden_size else 0
+            s = dataclasses.replace(s, moe_ffn_hidden_size=s.ffn_hidden_size // 128 * 64,
+                                    shared_expert_ffn_hidden_size=shared)
         per_layer = sum(math.prod(v) for k, v in canonical_shapes(s).items() if ".layers.0." in k)
         top = sum(math.prod(v) for k, v in canonical_shapes(s).items() if ".layers." not in k)
         layers = max(4, 4 * round((gb * 1e9 / dtype.itemsize - top) / per_layer / 4))  # splits for pp 1/2/4

@@ -51,40 +51,73 @@ def qwen2_pp(tmp_path_factory):
     return _make(tmp_path_factory, "mc_qwen2", "tiny_qwen2", 2, 1, 0)
 
 
-def _check(src, kind, ckpt, tp, pp, vpp=0):
-    p = run_torchrun(tp * pp, [MCORE, "check", src["spec"], src["torch_dist"], kind, ckpt, str(tp), str(pp),
-                               str(vpp)], timeout=600)
-    oks = [line for line in p.stdout.splitlines() if line.startswith("OK rank")]
-    assert len(oks) == tp * pp, p.stdout
-    return oks
+def _check_all(src, jobs, world):
+    """Megatron checks of several outputs in one torchrun (Megatron imported once per rank):
+    ``jobs`` = [(kind, ckpt, tp, pp, vpp)]; returns the OK lines of each job, one per model-parallel
+    rank (data-parallel replicas, which fill the ranks of smaller layouts, are folded)."""
+    p = run_torchrun(world, [MCORE, "check", src["spec"], src["torch_dist"],
+                             *(":".join(map(str, j)) for j in jobs)], timeout=900)
+    out = []
+    for k, (_, _, tp, pp, _) in enumerate(jobs):
+        oks = {}
+        for line in p.stdout.splitlines():
+            if line.startswith(f"OK job {k} rank"):
+                where = line.split(": ")[0].split(" tp ")[1]  # "t pp p"
+                oks.setdefault(where, line)
+        assert len(oks) == tp * pp, p.stdout
+        out.append(sorted(oks.values(), key=lambda o: o.split(" tp ")[1]))
+    return out
 
 
-def _convert(src_path, out, nproc, *extra):
-    return run_reshard([f"source.path={src_path}", f"target.path={out}", "model.vocab_size=250",
-                        f"paths.root={os.path.dirname(out)}", *extra], nproc=nproc)
+def _jobs(world, jobs, root, name):
+    """Several conversions in one torchrun (the multirun driver)."""
+    jf, rf = str(root / f"{name}.json"), str(root / f"{name}_results.json")
+    with open(jf, "w") as f:
+        json.dump([["model.vocab_size=250", f"paths.root={root}", *j] for j in jobs], f)
+    run_torchrun(world, [os.path.join(REPO, "tests", "drivers", "convert_jobs.py"), jf, rf], timeout=600)
+    with open(rf) as f:
+        results = json.load(f)
+    assert all(r["ok"] for r in results), results
 
 
-def test_legacy_vpp_to_legacy_tp1_pp4_loads_strictly_on_every_rank(llama3_vpp):
-    out = str(llama3_vpp["root"] / "leg_tp1_pp4")
-    p = _convert(llama3_vpp["legacy"], out, 3, "target.format=megatron_legacy", "parallel.target_tp=1",
-                 "parallel.target_pp=4", "target.transformer_impl=local")
-    assert "source megatron_legacy" in p.stdout + p.stderr
-    oks = _check(llama3_vpp, "legacy", out, 1, 4)
+@pytest.fixture(scope="module")
+def llama3_outputs(llama3_vpp):
+    """Every conversion of the Megatron-made Llama-3 source, then every Megatron check in one run:
+    legacy VPP -> legacy TP=1 PP=4; legacy -> torch_dist TP=4, loaded at TP=2 PP=2 and at TP=1 PP=2
+    VPP=2; Megatron's torch_dist -> legacy TP=4 (conversions on 3 ranks)."""
+    root, src = llama3_vpp["root"], llama3_vpp
+    out = {k: str(root / k) for k in ("leg_tp1_pp4", "td_tp4", "leg_tp4", "td_rt", "back")}
+    _jobs(3, [[f"source.path={src['legacy']}", f"target.path={out['leg_tp1_pp4']}", "target.format=megatron_legacy",
+               "parallel.target_tp=1", "parallel.target_pp=4", "target.transformer_impl=local"],
+              [f"source.path={src['legacy']}", f"target.path={out['td_tp4']}", "parallel.target_tp=4"],
+              [f"source.path={src['torch_dist']}", f"target.path={out['leg_tp4']}", "target.format=megatron_legacy",
+               "parallel.target_tp=4", "target.transformer_impl=local"],
+              # legacy -> torch_dist -> legacy at the source's layout (compared in a test below)
+              [f"source.path={src['legacy']}", f"target.path={out['td_rt']}", "parallel.target_tp=1"],
+              [f"source.path={out['td_rt']}", f"target.path={out['back']}", "target.format=megatron_legacy",
+               "parallel.target_tp=2", "parallel.target_pp=2", "parallel.target_vpp=2",
+               "target.transformer_impl=local"]], root, "llama3_jobs")
+    checks = _check_all(src, [("legacy", out["leg_tp1_pp4"], 1, 4, 0), ("torch_dist", out["td_tp4"], 2, 2, 0),
+                              ("torch_dist", out["td_tp4"], 1, 2, 2), ("legacy", out["leg_tp4"], 4, 1, 0)], 4)
+    return out, checks
+
+
+def test_legacy_vpp_to_legacy_tp1_pp4_loads_strictly_on_every_rank(llama3_outputs):
+    oks = llama3_outputs[1][0]
+    assert [o.split(": ")[0].split(" tp ")[1] for o in oks] == [f"0 pp {p}" for p in range(4)]
     assert sum(int(o.split(": ")[1].split()[0]) for o in oks) == 27  # 4 layers x 6 + 3
 
 
-def test_legacy_to_torch_dist_loads_in_megatron_at_two_layouts(llama3_vpp):
-    out = str(llama3_vpp["root"] / "td_tp4")
-    _convert(llama3_vpp["legacy"], out, 3, "parallel.target_tp=4")
-    _check(llama3_vpp, "torch_dist", out, 2, 2)
-    _check(llama3_vpp, "torch_dist", out, 1, 2, vpp=2)
+def test_legacy_to_torch_dist_loads_in_megatron_at_two_layouts(llama3_outputs):
+    at_tp2_pp2, at_tp1_pp2_vpp2 = llama3_outputs[1][1:3]
+    assert len(at_tp2_pp2) == 4 and len(at_tp1_pp2_vpp2) == 2
+    # TP=2 PP=2: each stage holds 2 layers x 6 tensors + the embedding (first) or norm + output (last)
+    assert sorted(int(o.split(": ")[1].split()[0]) for o in at_tp2_pp2) == [13, 13, 14, 14]
 
 
-def test_megatron_torch_dist_to_legacy_tp4(llama3_vpp):
-    out = str(llama3_vpp["root"] / "leg_tp4")
-    _convert(llama3_vpp["torch_dist"], out, 2, "target.format=megatron_legacy", "parallel.target_tp=4",
-             "target.transformer_impl=local")
-    _check(llama3_vpp, "legacy", out, 4, 1)
+def test_megatron_torch_dist_to_legacy_tp4(llama3_outputs):
+    oks = llama3_outputs[1][3]
+    assert [o.split(": ")[0].split(" tp ")[1] for o in oks] == [f"{t} pp 0" for t in range(4)]
 
 
 def _legacy_tensors(ckpt):
@@ -100,12 +133,8 @@ def _legacy_tensors(ckpt):
     return out
 
 
-def test_legacy_to_torch_dist_to_legacy_is_identical(llama3_vpp):
-    root = llama3_vpp["root"]
-    back = str(root / "back")
-    _convert(llama3_vpp["legacy"], str(root / "td_rt"), 2, "parallel.target_tp=1")
-    _convert(str(root / "td_rt"), back, 3, "target.format=megatron_legacy", "parallel.target_tp=2",
-             "parallel.target_pp=2", "parallel.target_vpp=2", "target.transformer_impl=local")
+def test_legacy_to_torch_dist_to_legacy_is_identical(llama3_vpp, llama3_outputs):
+    back = llama3_outputs[0]["back"]
     a, b = _legacy_tensors(llama3_vpp["legacy"]), _legacy_tensors(back)
     assert a.keys() == b.keys()
     n = 0
@@ -126,11 +155,14 @@ def test_legacy_to_torch_dist_to_legacy_is_identical(llama3_vpp):
 
 def test_tied_qwen2_with_bias_round_trips_through_both_formats(qwen2_pp):
     root = qwen2_pp["root"]
-    _convert(qwen2_pp["legacy"], str(root / "td"), 3, "parallel.target_tp=1", "parallel.target_pp=1")
-    _check(qwen2_pp, "torch_dist", str(root / "td"), 1, 2)
-    _convert(str(root / "td"), str(root / "leg"), 2, "target.format=megatron_legacy", "parallel.target_tp=1",
-             "parallel.target_pp=2", "target.transformer_impl=local")
-    _check(qwen2_pp, "legacy", str(root / "leg"), 1, 2)  # strict load needs the tied output copy on stage 1
+    _jobs(3, [[f"source.path={qwen2_pp['legacy']}", f"target.path={root / 'td'}", "parallel.target_tp=1",
+               "parallel.target_pp=1"],
+              [f"source.path={root / 'td'}", f"target.path={root / 'leg'}", "target.format=megatron_legacy",
+               "parallel.target_tp=1", "parallel.target_pp=2", "target.transformer_impl=local"]], root, "qwen2_jobs")
+    # the strict legacy load needs the tied output copy on stage 1
+    td, leg = _check_all(qwen2_pp, [("torch_dist", str(root / "td"), 1, 2, 0),
+                                    ("legacy", str(root / "leg"), 1, 2, 0)], 2)
+    assert len(td) == 2 and len(leg) == 2
 
 
 # ---------------------------------------------------------------- without Megatron (fast)

@@ -26,14 +26,25 @@ def llama3_tp2_pp2_on_3_ranks(hf_models, tmp_path_factory):
     return out
 
 
-def test_megatron_loads_3_rank_tp2_pp2_output_at_tp2_pp2_every_tensor_equal(llama3_tp2_pp2_on_3_ranks, hf_models):
-    oks = _mcore_load(os.path.join(llama3_tp2_pp2_on_3_ranks, "release"), hf_models["llama3"], 2, 2)
-    assert any("tp 1 pp 1" in o for o in oks)
+@pytest.fixture(scope="module")
+def loaded_at_two_layouts(llama3_tp2_pp2_on_3_ranks, hf_models):
+    """One torchrun of 4 ranks loads the output at TP=2 PP=2, then at TP=1 PP=1 (4 data-parallel replicas)."""
+    p = run_torchrun(4, [CHECK, os.path.join(llama3_tp2_pp2_on_3_ranks, "release"), hf_models["llama3"],
+                         "2,2,1", "1,1,1"], timeout=600)
+    oks = [line for line in p.stdout.splitlines() if line.startswith("OK rank")]
+    assert len(oks) == 8, p.stdout
+    return oks[:4], oks[4:]
 
 
-def test_megatron_loads_the_same_output_at_tp1_pp1_every_tensor_equal(llama3_tp2_pp2_on_3_ranks, hf_models):
-    (ok,) = _mcore_load(os.path.join(llama3_tp2_pp2_on_3_ranks, "release"), hf_models["llama3"], 1, 1)
-    assert "27 tensors equal" in ok  # 4 layers x 6 + embedding, final norm, output layer
+def test_megatron_loads_3_rank_tp2_pp2_output_at_tp2_pp2_every_tensor_equal(loaded_at_two_layouts):
+    oks = loaded_at_two_layouts[0]
+    assert sorted(o.split(":")[0].split(" tp ")[1] for o in oks) == ["0 pp 0 ep 0", "0 pp 1 ep 0", "1 pp 0 ep 0",
+                                                                      "1 pp 1 ep 0"]
+
+
+def test_megatron_loads_the_same_output_at_tp1_pp1_every_tensor_equal(loaded_at_two_layouts):
+    oks = loaded_at_two_layouts[1]
+    assert all("27 tensors equal" in ok for ok in oks)  # 4 layers x 6 + embedding, final norm, output layer
 
 
 @pytest.mark.parametrize("family,tp,pp,load_tp,load_pp", [

@@ -22,6 +22,9 @@ PARAMS = {
     "llama3_8b": 8_030_261_248, "llama3_70b": 70_553_706_496, "llama3.1_8b": 8_030_261_248,
     "llama3.1_70b": 70_553_706_496, "llama3.1_405b": 405_853_388_800, "mistral_7b": 7_241_732_096,
     "qwen2_0.5b": 494_032_768, "qwen2_7b": 7_615_616_512, "qwen2_72b": 72_706_203_648,
+    "mixtral_8x7b": 46_702_792_704, "mixtral_8x22b": 140_620_634_112,
+    # the model card says 57.4B; this is the sum of its published module shapes
+    "qwen2_moe_57b_a14b": 57_408_658_944,
 }
 
 
@@ -35,7 +38,7 @@ def test_every_preset_file_composes_through_hydra_into_a_valid_spec():
     from reshard.run import preset_spec
 
     names = sorted(f[:-5] for f in os.listdir(os.path.join(REPO, "conf", "model")) if f.endswith(".yaml"))
-    assert len(names) >= 16
+    assert len(names) >= 21
     for name in names:
         cfg = config.compose([f"+model={name}"])
         spec = preset_spec(cfg.model)

@@ -110,6 +110,15 @@ def contiguous_run(shape: Shape, offsets: Shape, sizes: Shape) -> Optional[Tuple
     return start, numel
 
 
+def contiguous_start(shape: Shape, index: Shape) -> int:
+    """Element offset of ``index`` in a C-order tensor of ``shape``."""
+    start, stride = 0, 1
+    for o, n in zip(reversed(index), reversed(shape)):
+        start += o * stride
+        stride *= n
+    return start
+
+
 class RawReader:
     """Reads rectangles of tensors stored as contiguous C-order bytes at ``StoredTensor.offset``
     of their file (safetensors, torch.save records, DCP chunks).
@@ -172,6 +181,15 @@ class RawReader:
         idx = tuple(slice(o, o + s) for o, s in zip(offsets, sizes))
         out = full[idx].clone()
         del full, raw
+        # The touched pages of a file mapping count in this process's RSS until unmapped: drop
+        # them from the mapping (they stay in the page cache), so column reads cost no memory.
+        first = contiguous_start(stored.shape, offsets)
+        last = contiguous_start(stored.shape, tuple(o + s - 1 for o, s in zip(offsets, sizes))) + 1
+        item = stored.dtype.itemsize
+        a = (stored.offset + first * item) // mmap.PAGESIZE * mmap.PAGESIZE
+        b = stored.offset + last * item
+        if hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED") and b > a:
+            m.madvise(mmap.MADV_DONTNEED, a, b - a)
         return out
 
     def close(self):
@@ -186,6 +204,21 @@ class RawReader:
         self._fds.clear()
 
 
+TRANSPOSE = ("transpose", 0)  # a 2-D slice stored transposed (Megatron's old GroupedMLP weight1/weight2)
+
+
+def stored_offset(s_off, c_delta, transform=None) -> Shape:
+    """``s_off`` moved by ``c_delta`` canonical elements (swapped for a transposed slice)."""
+    lead = len(s_off) - len(c_delta)
+    if transform == TRANSPOSE:
+        c_delta = tuple(reversed(c_delta))
+    return tuple(s_off[:lead]) + tuple(s + d for s, d in zip(s_off[lead:], c_delta))
+
+
+def stored_size(size, transform=None) -> Shape:
+    return tuple(reversed(size)) if transform == TRANSPOSE else tuple(size)
+
+
 def read_rect(reader, stored: StoredTensor, s_off, size, transform=None) -> torch.Tensor:
     """Canonical rectangle ``size`` stored at ``s_off`` (which may have leading axes) of ``stored``.
     With a row ``transform``, the whole blocks the rectangle touches are read, put in canonical
@@ -195,6 +228,9 @@ def read_rect(reader, stored: StoredTensor, s_off, size, transform=None) -> torc
     lead = len(s_off) - len(size)
     if transform is None:
         return reader.read(stored, s_off, (1,) * lead + tuple(size)).reshape(size)
+    if transform == TRANSPOSE:
+        ssz = stored_size(size, transform)
+        return reader.read(stored, s_off, (1,) * lead + ssz).reshape(ssz).t().contiguous()
     name, block = transform
     r0 = s_off[lead]
     a, b = r0 // block * block, -(-(r0 + size[0]) // block) * block

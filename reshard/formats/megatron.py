@@ -49,6 +49,7 @@ def local_placements(entry: Entry, spec: ModelSpec, layout: Layout, t: int, laye
     """Canonical rectangles in TP rank ``t``'s local tensor of ``entry`` (``lead`` prefixes
     the destination offsets, e.g. a stacked layer index). ``rows`` overrides the logical row
     count (a source's padded vocab, as stored)."""
+    layout = layout.for_entry(entry)
     segs = read_segments(entry, spec, layout) if reading else entry.segments(spec, layout)
     rows = rows if rows is not None else entry.rows(spec, layout)
     runs = tp_rows(entry, rows, layout.tp, t)
@@ -76,6 +77,7 @@ def local_placements(entry: Entry, spec: ModelSpec, layout: Layout, t: int, laye
 
 
 def local_shape(entry: Entry, spec: ModelSpec, layout: Layout) -> Tuple[int, ...]:
+    layout = layout.for_entry(entry)
     shape = entry.shape(spec, layout)
     if entry.tp_rule in ("column", "vocab", "qkv", "gated"):
         return (shape[0] // layout.tp,) + shape[1:]
@@ -122,9 +124,7 @@ def spec_from_args(args: Any, where: str, vocab_size: Optional[int] = None) -> M
     if norm != "RMSNorm" or not swiglu:
         raise SourceError(f"{where}: args say normalization={norm}, swiglu={swiglu}; the supported families "
                           "(Llama, Mistral, Qwen2) use RMSNorm and SwiGLU")
-    if _get(args, "num_experts"):
-        raise SourceError(f"{where}: a mixture-of-experts checkpoint ({_get(args, 'num_experts')} experts); "
-                          "MoE conversion is not in this version")
+    moe = _moe_from_args(args, where)
     if _get(args, "add_bias_linear", default=False) and not _get(args, "disable_bias_linear", default=False):
         raise SourceError(f"{where}: args say add_bias_linear=True; the supported families have no linear biases")
     padded = _get(args, "padded_vocab_size")
@@ -142,8 +142,12 @@ def spec_from_args(args: Any, where: str, vocab_size: Optional[int] = None) -> M
                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                         "original_max_position_embeddings": 8192}
     dtype = "bfloat16" if _get(args, "bf16") else "float16" if _get(args, "fp16") else "float32"
+    if moe:
+        model_type = "qwen2_moe" if moe.get("shared_expert_ffn_hidden_size") else "mixtral"
+    else:
+        model_type = "qwen2" if qkv_bias else "llama"
     d = dict(
-        model_type="qwen2" if qkv_bias else "llama",
+        model_type=model_type,
         num_layers=int(need("num_layers")),
         hidden_size=h,
         num_attention_heads=nh,
@@ -158,10 +162,32 @@ def spec_from_args(args: Any, where: str, vocab_size: Optional[int] = None) -> M
         tie_word_embeddings=not bool(_get(args, "untie_embeddings_and_output_weights", default=False)),
         qkv_bias=qkv_bias,
         dtype=dtype,
+        **moe,
     )
     log.info("%s: architecture from Megatron args (model_type %s guessed from the tensors' shape rules; "
              "pass +model=<preset> to name it)", where, d["model_type"])
     return ModelSpec.from_dict(d)
+
+
+def _moe_from_args(args: Any, where: str) -> Dict[str, Any]:
+    E = _get(args, "num_experts")
+    if not E:
+        return {}
+    freq = _get(args, "moe_layer_freq", default=1)
+    if freq not in (1, "1") and not (isinstance(freq, (list, tuple)) and all(int(x) == 1 for x in freq)):
+        raise SourceError(f"{where}: moe_layer_freq={freq!r}: models that mix dense and MoE layers are not "
+                          "supported (every layer must be an MoE layer)")
+    shared = int(_get(args, "moe_shared_expert_intermediate_size", default=0) or 0)
+    return dict(
+        num_experts=int(E),
+        moe_ffn_hidden_size=int(_get(args, "moe_ffn_hidden_size") or _get(args, "ffn_hidden_size")),
+        num_experts_per_tok=int(_get(args, "moe_router_topk", default=2)),
+        moe_norm_topk_prob=not bool(_get(args, "moe_router_pre_softmax", default=False)),
+        shared_expert_ffn_hidden_size=shared,
+        shared_expert_gate=bool(_get(args, "moe_shared_expert_gate", default=False)) and shared > 0,
+        moe_expert_bias=bool(_get(args, "moe_router_enable_expert_bias", default=False)),
+        moe_router_score_function=str(_get(args, "moe_router_score_function", default="softmax")),
+    )
 
 
 # What Megatron's args cannot say: the HF model type (llama vs mistral: the same tensors), and
@@ -185,16 +211,26 @@ def layout_from_args(args: Any, spec: ModelSpec) -> Layout:
         pp=pp,
         vpp=int(vpp) if vpp and int(vpp) > 1 else None,
         ep=int(_get(args, "expert_model_parallel_size", default=1)),
+        etp=_etp(args),
         first_stage_layers=_get(args, "decoder_first_pipeline_num_layers"),
         last_stage_layers=_get(args, "decoder_last_pipeline_num_layers"),
         make_vocab_size_divisible_by=int(_get(args, "make_vocab_size_divisible_by", default=128)),
     )
 
 
+def _etp(args: Any) -> Optional[int]:
+    etp = _get(args, "expert_tensor_parallel_size")
+    tp = int(_get(args, "tensor_model_parallel_size", default=1))
+    return None if etp is None or int(etp) == tp else int(etp)
+
+
 def layout_of_common(common: dict, spec: ModelSpec) -> Layout:
     ours = common.get("reshard") if isinstance(common, dict) else None
     if isinstance(ours, dict) and isinstance(ours.get("layout"), dict):
-        return Layout(**{k: v for k, v in ours["layout"].items()})
+        import dataclasses
+
+        known = {f.name for f in dataclasses.fields(Layout)}
+        return Layout(**{k: v for k, v in ours["layout"].items() if k in known})
     return layout_from_args(common["args"], spec)
 
 
@@ -202,7 +238,8 @@ def model_args_dict(args: Any) -> Dict[str, Any]:
     """The args fields that define the model and layout (compared across rank files)."""
     fields = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
               "kv_channels", "padded_vocab_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
-              "virtual_pipeline_model_parallel_size", "expert_model_parallel_size", "add_qkv_bias",
+              "virtual_pipeline_model_parallel_size", "expert_model_parallel_size", "expert_tensor_parallel_size",
+              "num_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "add_qkv_bias",
               "untie_embeddings_and_output_weights", "rotary_base", "iteration")
     return {f: _get(args, f) for f in fields}
 

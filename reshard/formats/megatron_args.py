@@ -20,7 +20,8 @@ CHECKPOINT_VERSION = 3.0
 
 
 def make_args(spec: ModelSpec, layout: Layout, dtype: torch.dtype, ckpt_format: str,
-              transformer_impl: str = "transformer_engine", iteration: Optional[int] = None) -> Namespace:
+              transformer_impl: str = "transformer_engine", iteration: Optional[int] = None,
+              moe_grouped_gemm: bool = False) -> Namespace:
     rs = dict(spec.rope_scaling or {})
     llama3_scaling = rs.get("rope_type") == "llama3"
     return Namespace(
@@ -52,7 +53,19 @@ def make_args(spec: ModelSpec, layout: Layout, dtype: torch.dtype, ckpt_format: 
         use_rope_scaling=llama3_scaling,
         rope_scaling_factor=float(rs.get("factor", 8.0)) if llama3_scaling else 8.0,
         disable_bias_linear=True,
-        num_experts=None,
+        num_experts=spec.num_experts or None,
+        moe_ffn_hidden_size=spec.expert_ffn if spec.is_moe else None,
+        moe_router_topk=spec.num_experts_per_tok if spec.is_moe else 2,
+        moe_router_pre_softmax=spec.is_moe and not spec.moe_norm_topk_prob,
+        moe_router_load_balancing_type="aux_loss",
+        moe_router_dtype="fp32" if spec.is_moe else None,
+        moe_router_enable_expert_bias=spec.moe_expert_bias,
+        moe_router_score_function=spec.moe_router_score_function,
+        moe_shared_expert_intermediate_size=spec.shared_expert_ffn_hidden_size or None,
+        moe_shared_expert_gate=spec.shared_expert_gate,
+        moe_grouped_gemm=moe_grouped_gemm,
+        moe_token_dispatcher_type="alltoall" if layout.ep > 1 else "allgather",
+        moe_layer_freq=1,
         transformer_impl=transformer_impl,
         # dtype
         params_dtype=dtype,
@@ -75,9 +88,10 @@ def make_args(spec: ModelSpec, layout: Layout, dtype: torch.dtype, ckpt_format: 
 
 
 def common_state(spec: ModelSpec, layout: Layout, dtype: torch.dtype, ckpt_format: str,
-                 iteration: Optional[int], transformer_impl: str, source: dict) -> dict:
+                 iteration: Optional[int], transformer_impl: str, source: dict,
+                 moe_grouped_gemm: bool = False) -> dict:
     return {
-        "args": make_args(spec, layout, dtype, ckpt_format, transformer_impl, iteration),
+        "args": make_args(spec, layout, dtype, ckpt_format, transformer_impl, iteration, moe_grouped_gemm),
         "checkpoint_version": CHECKPOINT_VERSION,
         "iteration": iteration or 0,
         # Self-describing: enough to read it back with no reference model (DESIGN.md).
@@ -86,7 +100,8 @@ def common_state(spec: ModelSpec, layout: Layout, dtype: torch.dtype, ckpt_forma
             "layout": {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "ep": layout.ep,
                        "etp": layout.etp, "first_stage_layers": layout.first_stage_layers,
                        "last_stage_layers": layout.last_stage_layers,
-                       "make_vocab_size_divisible_by": layout.make_vocab_size_divisible_by},
+                       "make_vocab_size_divisible_by": layout.make_vocab_size_divisible_by,
+                       "moe_grouped_gemm": moe_grouped_gemm},
             "source": source,
         },
     }

@@ -28,7 +28,7 @@ from ..models import table_for
 from ..plan import TargetTensor
 from ..spec import ModelSpec
 from . import megatron as mg
-from .base import RawReader, SourceIndex, SourceSlice, StoredTensor
+from .base import TRANSPOSE, RawReader, SourceIndex, SourceSlice, StoredTensor
 from .torchzip import TensorRef, parse_file
 
 NAME = "megatron_legacy"
@@ -43,6 +43,15 @@ def rank_dirname(tp: int, pp: int, layout: Layout, ep: int = 0) -> str:
     if layout.ep > 1:
         name += f"_{ep:03d}"
     return name
+
+
+def parse_dirname(groups: tuple, pp_size: int) -> Tuple[int, int, int]:
+    """``(tp, pp, ep)`` of an ``mp_rank_*`` name's number groups: ``_PPP`` is there only when
+    pp > 1, so with pp == 1 a second group is the EP rank."""
+    t, a, b = groups
+    if pp_size > 1:
+        return t, a or 0, b or 0
+    return t, 0, (b if b is not None else a) or 0
 
 
 def model_keys(layout: Layout) -> List[str]:
@@ -122,15 +131,19 @@ def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[
     spec = mg.spec_from_common(first, files[names[0]], vocab_size)
     src_layout = mg.layout_of_common(first, spec)
     _check_consistent(parsed, files, src_layout)
-    _check_grid(dirs, src_layout, ckpt)
+    _check_grid(dirs, src_layout, ckpt, spec.num_experts)
     table = table_for(spec)
     rel = lambda d: os.path.relpath(files[d], root)  # noqa: E731
     slices: Dict[str, List[SourceSlice]] = defaultdict(list)
     dtypes: Dict[str, torch.dtype] = {}
-    stages = src_layout.stage_layers(spec.num_layers)
     problems: List[str] = []
+    if spec.num_experts and src_layout.expert_tp != src_layout.tp:
+        raise SourceError(f"{ckpt}: expert_tensor_parallel_size={src_layout.expert_tp} differs from "
+                          f"tensor_model_parallel_size={src_layout.tp}; legacy checkpoints with a separate expert "
+                          "TP are not read (convert from a torch_dist save of the run instead)")
+    E_local = spec.num_experts // src_layout.ep if spec.num_experts else 0
     for d in names:
-        tp, pp = dirs[d][0], dirs[d][1] or 0
+        tp, pp, ep = parse_dirname(dirs[d], src_layout.pp)
         obj = parsed[d]
         for v, mkey in enumerate(model_keys(src_layout)):
             model = obj.get(mkey)
@@ -142,20 +155,27 @@ def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[
             used = set()
             pre = pp == 0 and v == 0
             post = pp == src_layout.pp - 1 and v == src_layout.vp - 1
-            wanted = []  # (entry, layer, candidate names)
+            wanted = []  # (entry, layer, candidate names, local layer, local expert)
             for e in table.top:
                 if not e.applies(spec):
                     continue
                 if (e.mcore.startswith("embedding.") and pre) or (not e.mcore.startswith("embedding.") and post):
-                    wanted.append((e, None, (e.mcore,)))
-            for j, i in enumerate(stages[pp][v]):
-                for e in table.layer:
-                    if e.applies(spec):
-                        wanted.append((e, i, _layer_names(e, j)))
-            for e, i, cands in wanted:
+                    wanted.append((e, None, (e.mcore,), None, None))
+            for e, i, j, local in _file_layers(spec, src_layout, table, pp, v, ep):
+                if e.expert is None:
+                    wanted.append((e, i, _layer_names(e, j), j, None))
+                else:
+                    wanted.append((e, i, (f"decoder.layers.{j}.{e.mcore.format(j=local)}",
+                                          f"decoder.layers.{j}.{e.grouped.format(j=local)}"), j, local))
+            for e, i, cands, j, local in wanted:
                 key = next((c for c in cands if c in model), None)
+                old_form = None
+                if key is None and local is not None:  # Megatron's removed GroupedMLP: weight1/weight2
+                    old_form = f"decoder.layers.{j}.mlp.experts.weight{1 if e.tp_rule == 'gated' else 2}"
+                    key = old_form if old_form in model else None
                 if key is None:
-                    problems.append(f"{files[d]} [{mkey}]: {cands[0]} is absent")
+                    what = f" (layer {i} expert {e.expert})" if local is not None else ""
+                    problems.append(f"{files[d]} [{mkey}]: {cands[0]} is absent{what}")
                     continue
                 used.add(key)
                 ref = model[key]
@@ -163,6 +183,8 @@ def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[
                     problems.append(f"{files[d]} [{mkey}]: {key} is not a tensor")
                     continue
                 exp = mg.local_shape(e, spec, src_layout)
+                if old_form:  # [h, E_local*2f] / [E_local*f, h]: experts side by side, transposed
+                    exp = (exp[1], E_local * exp[0]) if e.tp_rule == "gated" else (E_local * exp[1], exp[0])
                 if e.tp_rule == "vocab":  # padded for the source tp; the padding is never read
                     exp = (ref.shape[0],) + exp[1:]
                     if ref.shape[0] * src_layout.tp < spec.vocab_size:
@@ -175,12 +197,19 @@ def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[
                 if not ref.contiguous:
                     problems.append(f"{files[d]}: {key} is stored non-contiguous")
                     continue
-                if e.tp_rule == "replicated" and tp != 0:
-                    continue  # the same values are read from TP rank 0's file
+                if (e.tp_rule == "replicated" and tp != 0) or (local is None and ep != 0):
+                    continue  # the same values are read from TP rank 0's (EP rank 0's) file
                 st = StoredTensor(rel(d), f"{mkey}/{key}", tuple(ref.shape), ref.dtype, ref.offset)
                 rows = ref.shape[0] * src_layout.tp if e.tp_rule == "vocab" else None
                 for pl in mg.local_placements(e, spec, src_layout, tp, i, reading=True, rows=rows):
-                    slices[pl.canonical].append(SourceSlice(st, pl.c_off, pl.dst_off, pl.c_size))
+                    if old_form:
+                        r, c = pl.dst_off
+                        gated = e.tp_rule == "gated"
+                        base = (0, local * exp[1] // E_local) if gated else (local * exp[0] // E_local, 0)
+                        slices[pl.canonical].append(SourceSlice(st, pl.c_off, (c + base[0], r + base[1]), pl.c_size,
+                                                                TRANSPOSE))
+                    else:
+                        slices[pl.canonical].append(SourceSlice(st, pl.c_off, pl.dst_off, pl.c_size))
                     dtypes[pl.canonical] = ref.dtype
             # The tied output layer's copy on the last stage, _extra_state: known, not read.
             for key in model:
@@ -217,16 +246,20 @@ def _check_consistent(parsed: Dict[str, dict], files: Dict[str, str], layout: La
                           "or another run?):\n  - " + "\n  - ".join(bad))
 
 
-def _check_grid(dirs: Dict[str, tuple], layout: Layout, ckpt: str) -> None:
-    if any(e is not None for _, _, e in dirs.values()):
-        raise SourceError(f"{ckpt}: expert-parallel (_EEE) rank directories - MoE is not in this version")
-    want = {rank_dirname(t, p, layout) for t in range(layout.tp) for p in range(layout.pp)}
+def _check_grid(dirs: Dict[str, tuple], layout: Layout, ckpt: str, num_experts: int = 0) -> None:
+    want = {rank_dirname(t, p, layout, e): (t, p, e)
+            for t in range(layout.tp) for p in range(layout.pp) for e in range(layout.ep)}
     have = set(dirs)
-    missing, extra = sorted(want - have), sorted(have - want)
+    missing, extra = sorted(set(want) - have), sorted(have - set(want))
     if missing or extra:
-        msg = f"{ckpt}: the mp_rank grid does not match args (tp={layout.tp}, pp={layout.pp})"
+        msg = (f"{ckpt}: the mp_rank grid does not match args (tp={layout.tp}, pp={layout.pp}"
+               + (f", ep={layout.ep}" if layout.ep > 1 else "") + ")")
         if missing:
             msg += f"; missing: {', '.join(missing)}"
+            eps = sorted({want[m][2] for m in missing})
+            if layout.ep > 1 and num_experts:
+                n = num_experts // layout.ep
+                msg += "; missing experts: " + ", ".join(f"{r * n}..{(r + 1) * n - 1} (EP rank {r})" for r in eps)
         if extra:
             msg += f"; unexpected: {', '.join(extra)}"
         raise SourceError(msg)
@@ -238,45 +271,68 @@ class Reader(RawReader):
 
 # ------------------------------------------------------------------------- writing
 
+def _file_layers(spec: ModelSpec, layout: Layout, table: MappingTable, pp: int, v: int, ep: int):
+    """``(entry, global layer, local layer, local expert)`` of one file's ``model``/``modelK``:
+    every non-expert layer tensor, and the experts of EP rank ``ep`` under local indices."""
+    E = spec.num_experts
+    for j, i in enumerate(layout.stage_layers(spec.num_layers)[pp][v]):
+        for e in table.layer:
+            if not e.applies(spec):
+                continue
+            if e.expert is None:
+                yield e, i, j, None
+                continue
+            r, local = layout.expert_rank(e.expert, E)
+            if r == ep:
+                yield e, i, j, local
+
+
 def targets(spec: ModelSpec, layout: Layout, table: MappingTable, dtype_of: Callable[[str], torch.dtype],
-            impl: str = "transformer_engine") -> List[TargetTensor]:
-    """The local tensors of every file at the target layout."""
+            impl: str = "transformer_engine", grouped: bool = False) -> List[TargetTensor]:
+    """The local tensors of every file at the target layout (``mp_rank_TT[_PPP][_EEE]``; with
+    EP every file holds the whole non-expert model of its TP/PP rank and its EP rank's experts)."""
     out = []
-    stages = layout.stage_layers(spec.num_layers)
     embed = next(e for e in table.top if e.mcore.startswith("embedding."))
     for pp in range(layout.pp):
-        for t in range(layout.tp):
-            file = f"{rank_dirname(t, pp, layout)}/{FILE}"
-            for v, mkey in enumerate(model_keys(layout)):
-                pre = pp == 0 and v == 0
-                post = pp == layout.pp - 1 and v == layout.vp - 1
-                items = []
-                for e in table.top:
-                    if e.applies(spec) and ((e.mcore.startswith("embedding.") and pre)
-                                            or (not e.mcore.startswith("embedding.") and post)):
-                        items.append((e, None, e.mcore))
-                if post and spec.tie_word_embeddings and layout.pp > 1:
-                    items.append((embed, None, "output_layer.weight"))  # the tied copy Megatron keeps
-                for j, i in enumerate(stages[pp][v]):
-                    for e in table.layer:
-                        if e.applies(spec):
-                            name = e.local if (impl == "local" and e.local) else e.mcore
-                            items.append((e, i, f"decoder.layers.{j}.{name}"))
-                for e, i, name in items:
-                    pls = mg.local_placements(e, spec, layout, t, i)
-                    dts = {dtype_of(p.canonical) for p in pls}
-                    assert len(dts) == 1, (name, dts)
-                    out.append(TargetTensor(f"{file}::{mkey}/{name}", mg.local_shape(e, spec, layout), dts.pop(),
-                                            pls, rule=e.tp_rule, file=file, name=f"{mkey}/{name}"))
+        for ep in range(layout.ep):
+            for t in range(layout.tp):
+                file = f"{rank_dirname(t, pp, layout, ep)}/{FILE}"
+                for v, mkey in enumerate(model_keys(layout)):
+                    pre = pp == 0 and v == 0
+                    post = pp == layout.pp - 1 and v == layout.vp - 1
+                    items = []
+                    for e in table.top:
+                        if e.applies(spec) and ((e.mcore.startswith("embedding.") and pre)
+                                                or (not e.mcore.startswith("embedding.") and post)):
+                            items.append((e, None, e.mcore))
+                    if post and spec.tie_word_embeddings and layout.pp > 1:
+                        items.append((embed, None, "output_layer.weight"))  # the tied copy Megatron keeps
+                    for e, i, j, local in _file_layers(spec, layout, table, pp, v, ep):
+                        items.append((e, i, f"decoder.layers.{j}.{e.megatron_name(local, grouped, impl)}"))
+                    for e, i, name in items:
+                        pls = mg.local_placements(e, spec, layout, t, i)
+                        dts = {dtype_of(p.canonical) for p in pls}
+                        assert len(dts) == 1, (name, dts)
+                        out.append(TargetTensor(f"{file}::{mkey}/{name}", mg.local_shape(e, spec, layout),
+                                                dts.pop(), pls, rule=e.tp_rule, file=file, name=f"{mkey}/{name}"))
     return out
 
 
-def extra_state_names(spec: ModelSpec, layout: Layout, table: MappingTable, pp: int, v: int) -> List[str]:
+def extra_state_names(spec: ModelSpec, layout: Layout, table: MappingTable, pp: int, v: int,
+                      grouped: bool = False) -> List[str]:
     """``_extra_state`` entries Megatron's ``state_dict()`` has (``None`` without FP8)."""
     out = []
-    for j, _ in enumerate(layout.stage_layers(spec.num_layers)[pp][v]):
-        out += [f"decoder.layers.{j}.{e.extra_state}._extra_state" for e in table.layer
-                if e.extra_state and e.applies(spec)]
+    for e, _, j, local in _file_layers(spec, layout, table, pp, v, 0):
+        if not e.extra_state:
+            continue
+        if e.expert is None:
+            out.append(f"decoder.layers.{j}.{e.extra_state}._extra_state")
+        elif grouped:  # one TE GroupedLinear per fc
+            name = f"decoder.layers.{j}.{e.grouped.rsplit('.', 1)[0]}._extra_state"
+            if name not in out:
+                out.append(name)
+        else:
+            out.append(f"decoder.layers.{j}.{e.extra_state.format(j=local)}._extra_state")
     if pp == layout.pp - 1 and v == layout.vp - 1:
         out.append("output_layer._extra_state")
     return out
@@ -286,14 +342,15 @@ def write_file(ckpt_dir: str, file: str, tensors: Dict[str, torch.Tensor], spec:
                table: MappingTable, common: dict, fsync: bool) -> int:
     """One ``model_optim_rng.pt``: args etc. from ``common``, then ``model``/``modelK`` dicts."""
     m = _DIR_RE.match(file.split("/")[0])
-    pp = int(m.group(2)) if m.group(2) is not None else 0
+    pp = parse_dirname(tuple(int(x) if x else None for x in m.groups()), layout.pp)[1]
     obj = {k: common[k] for k in ("args", "checkpoint_version", "iteration", "reshard")}
     for v, mkey in enumerate(model_keys(layout)):
         model = {}
         for name, t in tensors.items():
             if name.startswith(mkey + "/"):
                 model[name[len(mkey) + 1:]] = t
-        for name in extra_state_names(spec, layout, table, pp, v):
+        for name in extra_state_names(spec, layout, table, pp, v, bool(common["reshard"]["layout"].get(
+                "moe_grouped_gemm"))):
             model[name] = None
         obj[mkey] = model
     path = os.path.join(ckpt_dir, file)

@@ -128,13 +128,15 @@ def read_metadata(ckpt: str):
 
 
 def _entry_lookup(spec: ModelSpec, table: MappingTable):
+    """Top-level key -> entry; layer-relative key -> ``[entry]`` (one per expert for experts).
+    Every spelling is accepted: TE names, local-spec names, the aliases written alongside."""
     top = {e.mcore: e for e in table.top if e.applies(spec)}
-    layer = {}
-    for e in table.layer:
-        if e.applies(spec):
-            layer[e.mcore] = e
-            if e.local:
-                layer[e.local] = e
+    layer: Dict[str, list] = {}
+    for key, entries in layer_groups(spec, table):
+        e = entries[0]
+        for name in (key, e.mcore if e.expert is None else None, e.local) + tuple(e.aliases):
+            if name:
+                layer.setdefault(name, entries)
     return top, layer
 
 
@@ -158,7 +160,7 @@ def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[
     top, layer = _entry_lookup(spec, table)
     L = spec.num_layers
     glob = Layout(tp=1)
-    problems, plan = [], []  # plan: (key, entry, layers, stacked, TensorStorageMetadata)
+    problems, plan = [], []  # plan: (key, [entries], layers, stacked, TensorStorageMetadata)
     for key, meta in sorted(md.state_dict_metadata.items()):
         if isinstance(meta, BytesStorageMetadata):
             if key == COMMON_KEY or "_extra_state" in key or key.startswith(OPTIONAL_PREFIXES):
@@ -169,35 +171,52 @@ def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[
             continue  # optimizer state and RNG: not model weights, not converted
         m = _PER_LAYER.match(key)
         if key in top:
-            e, layers, stacked = top[key], [None], False
+            es, layers, stacked = [top[key]], [None], False
         elif key.startswith(STACK_PREFIX) and key[len(STACK_PREFIX):] in layer:
-            e, layers, stacked = layer[key[len(STACK_PREFIX):]], list(range(L)), True
+            es, layers, stacked = layer[key[len(STACK_PREFIX):]], list(range(L)), True
         elif m and m.group(2) in layer:
-            e, layers, stacked = layer[m.group(2)], [int(m.group(1))], False
+            es, layers, stacked = layer[m.group(2)], [int(m.group(1))], False
         else:
             problems.append(f"unknown tensor {key} (refusing to drop it silently)")
             continue
+        e = es[0]
         shape = tuple(meta.size)
         exp = e.shape(spec, glob)
         if e.tp_rule == "vocab":
             exp = (shape[0],) + exp[1:] if shape[0] >= spec.vocab_size else exp
+        if e.expert is not None:
+            exp = (spec.num_experts,) + exp
         if stacked:
             exp = (L,) + exp
         if shape != exp:
             problems.append(f"{key} has global shape {shape}, the architecture implies {exp}")
             continue
-        plan.append((key, e, layers, stacked, meta))
-    seen = {(id(e), i) for _, e, layers, _, _ in plan for i in layers}
-    for e, i in table.entries(spec):
-        if (id(e), i) not in seen:
-            problems.append(f"{STACK_PREFIX + e.mcore if i is not None else e.mcore}"
+        plan.append((key, es, layers, stacked, meta))
+    # A tensor written under several spellings (the MoE pre-MLP norm) is read from one of them.
+    seen, kept = set(), []
+    for item in plan:
+        key, es, layers = item[:3]
+        if all((id(e), i) in seen for e in es for i in layers):
+            continue
+        seen |= {(id(e), i) for e in es for i in layers}
+        kept.append(item)
+    plan = kept
+    missing = [(e, i) for e, i in table.entries(spec) if (id(e), i) not in seen]
+    for e, i in missing:
+        if e.expert is None:
+            problems.append(f"{STACK_PREFIX + e.dist_key if i is not None else e.mcore}"
                             f"{'' if i is None else f' (layer {i})'} is absent")
+    if any(e.expert is not None for e, _ in missing):
+        keys = sorted({STACK_PREFIX + e.dist_key for e, _ in missing if e.expert is not None})
+        experts = sorted({(i, e.expert) for e, i in missing if e.expert is not None})
+        problems.append(f"{', '.join(keys)} absent: missing experts "
+                        + ", ".join(f"layer {i} expert {x}" for i, x in experts[:20]))
     if problems:
         raise SourceError(f"{ckpt} does not match its architecture ({spec.model_type}, {L} layers):\n  - "
                           + "\n  - ".join(problems[:20]))
     # Every chunk's record, parsed (headers only) by the ranks in turn, file by file.
     wanted: Dict[str, List[tuple]] = {}
-    for key, e, layers, stacked, meta in plan:
+    for key, es, layers, stacked, meta in plan:
         for ch in meta.chunks:
             info = storage.get((key, tuple(ch.offsets)))
             if info is None:
@@ -212,8 +231,9 @@ def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[
     slices: Dict[str, List[SourceSlice]] = defaultdict(list)
     dtypes: Dict[str, torch.dtype] = {}
     rel = os.path.relpath(ckpt, root)
-    for key, e, layers, stacked, meta in plan:
-        rows = meta.size[1 if stacked else 0]
+    for key, es, layers, stacked, meta in plan:
+        axes = (1 if stacked else 0) + (1 if es[0].expert is not None else 0)  # leading layer/expert axes
+        rows = meta.size[axes]
         for ch in meta.chunks:
             f, ref = where[(key, tuple(ch.offsets))]
             if not isinstance(ref, TensorRef) or tuple(ref.shape) != tuple(ch.sizes) or not ref.contiguous:
@@ -223,20 +243,23 @@ def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[
                               tuple(ch.sizes), ref.dtype, ref.offset)
             c_lo, c_sz = tuple(ch.offsets), tuple(ch.sizes)
             ls = layers if not stacked else range(c_lo[0], c_lo[0] + c_sz[0])
+            xs = [None] if es[0].expert is None else range(c_lo[axes - 1], c_lo[axes - 1] + c_sz[axes - 1])
             for i in ls:
-                lead = (i,) if stacked else ()
-                for pl in mg.local_placements(e, spec, glob, 0, i, lead=lead, reading=True, rows=rows):
-                    d_sz = (1,) * len(lead) + tuple(pl.c_size)
-                    lo = tuple(max(a, b) for a, b in zip(pl.dst_off, c_lo))
-                    hi = tuple(min(a + x, b + y) for a, x, b, y in zip(pl.dst_off, d_sz, c_lo, c_sz))
-                    if any(h <= q for q, h in zip(lo, hi)):
-                        continue
-                    n = len(lead)
-                    c_off = tuple(c + (q - d) for c, q, d in zip(pl.c_off, lo[n:], pl.dst_off[n:]))
-                    s_off = tuple(q - c for q, c in zip(lo, c_lo))
-                    size = tuple(h - q for q, h in zip(lo[n:], hi[n:]))
-                    slices[pl.canonical].append(SourceSlice(st, c_off, s_off, size))
-                    dtypes[pl.canonical] = ref.dtype
+                for x in xs:
+                    e = es[0] if x is None else es[x]
+                    lead = ((i,) if stacked else ()) + (() if x is None else (x,))
+                    for pl in mg.local_placements(e, spec, glob, 0, i, lead=lead, reading=True, rows=rows):
+                        d_sz = (1,) * len(lead) + tuple(pl.c_size)
+                        lo = tuple(max(a, b) for a, b in zip(pl.dst_off, c_lo))
+                        hi = tuple(min(a + x_, b + y) for a, x_, b, y in zip(pl.dst_off, d_sz, c_lo, c_sz))
+                        if any(h <= q for q, h in zip(lo, hi)):
+                            continue
+                        n = len(lead)
+                        c_off = tuple(c + (q - d) for c, q, d in zip(pl.c_off, lo[n:], pl.dst_off[n:]))
+                        s_off = tuple(q - c for q, c in zip(lo, c_lo))
+                        size = tuple(h - q for q, h in zip(lo[n:], hi[n:]))
+                        slices[pl.canonical].append(SourceSlice(st, c_off, s_off, size))
+                        dtypes[pl.canonical] = ref.dtype
     shapes = {n: e.part_shape(spec, role) for n, (e, role, _) in table.canonical_names(spec).items()}
     sizes = {os.path.normpath(os.path.join(rel, f)): os.path.getsize(os.path.join(ckpt, f)) for f in files}
     index = SourceIndex(NAME, root, spec, shapes, dtypes, dict(slices), sizes, it)
@@ -253,33 +276,45 @@ class Reader(RawReader):
 
 def _placements(entry, spec, layout, layer: Optional[int]) -> List[Placement]:
     out = []
+    lead = (() if layer is None else (layer,)) + (() if entry.expert is None else (entry.expert,))
     for seg in entry.segments(spec, layout):
         name = entry.parts()[seg.part]
         name = name.format(i=layer) if layer is not None else name
         rest = entry.part_shape(spec, seg.part)[1:]
         zeros = (0,) * len(rest)
-        lead = (layer,) if layer is not None else ()
         out.append(Placement(name, (seg.src_row,) + zeros, (seg.rows,) + rest,
                              lead + (seg.dst_row,) + zeros, seg.repeat))
     return out
 
 
+def layer_groups(spec: ModelSpec, table: MappingTable) -> List[tuple]:
+    """``(dist key, [entries])`` of the stacked layer tensors: one entry, or one per expert
+    (``[L, E, ...]``), in table order."""
+    groups: Dict[str, list] = {}
+    for e in table.layer:
+        if e.applies(spec):
+            groups.setdefault(e.dist_key, []).append(e)
+    return list(groups.items())
+
+
 def targets(spec: ModelSpec, layout: Layout, table: MappingTable,
             dtype_of: Callable[[str], torch.dtype]) -> List[TargetTensor]:
-    """The global tensors of a homogeneous GPT model, stacked on the layer axis."""
+    """The global tensors of a homogeneous GPT model, stacked on the layer axis (and the expert
+    axis for expert tensors). Each expert is its own placements: no expert stack is built."""
     out = []
     for e in table.top:
         if e.applies(spec):
             pls = _placements(e, spec, layout, None)
             out.append(TargetTensor(e.mcore, e.shape(spec, layout), _one_dtype(pls, dtype_of, e.mcore), pls,
                                     rule=e.tp_rule))
-    for e in table.layer:
-        if not e.applies(spec):
-            continue
-        pls = [p for i in range(spec.num_layers) for p in _placements(e, spec, layout, i)]
-        key = STACK_PREFIX + e.mcore
-        out.append(TargetTensor(key, (spec.num_layers,) + e.shape(spec, layout),
-                                _one_dtype(pls, dtype_of, key), pls, rule=e.tp_rule))
+    for dist_key, entries in layer_groups(spec, table):
+        e = entries[0]
+        pls = [p for i in range(spec.num_layers) for x in entries for p in _placements(x, spec, layout, i)]
+        lead = (spec.num_layers,) + ((spec.num_experts,) if e.expert is not None else ())
+        for key in (dist_key,) + tuple(e.aliases):
+            key = STACK_PREFIX + key
+            out.append(TargetTensor(key, lead + e.shape(spec, layout), _one_dtype(pls, dtype_of, key), pls,
+                                    rule=e.tp_rule))
     return out
 
 
@@ -292,14 +327,25 @@ def _one_dtype(pls, dtype_of, key) -> torch.dtype:
 
 def extra_state_keys(spec: ModelSpec, table: MappingTable) -> List[str]:
     """``<module>._extra_state/shard_{layer}_{L}`` for every linear Megatron checkpoints."""
-    L = spec.num_layers
-    return [f"{STACK_PREFIX}{e.extra_state}._extra_state/shard_{i}_{L}"
-            for e in table.layer if e.extra_state and e.applies(spec) for i in range(L)]
+    L, E = spec.num_layers, spec.num_experts
+    out = []
+    for e in table.layer:
+        if not (e.extra_state and e.applies(spec)):
+            continue
+        if e.expert is None:
+            out += [f"{STACK_PREFIX}{e.extra_state}._extra_state/shard_{i}_{L}" for i in range(L)]
+        else:  # experts: one object per (layer, expert)
+            module = e.dist_key.rsplit(".", 1)[0]
+            out += [f"{STACK_PREFIX}{module}._extra_state/shard_{i}.{e.expert}_{L}.{E}" for i in range(L)]
+    return out
 
 
 def layout_writers(spec: ModelSpec, layout: Layout, world: int):
     """Writers that mirror the target layout: the piece goes to the rank that would hold it
-    in a Megatron job at that layout (virtual rank ``pp_stage*tp + tp_rank``, modulo N)."""
+    in a Megatron job at that layout (virtual rank ``pp_stage*S + tp_rank``, experts
+    ``pp_stage*S + ep_rank*etp + etp_rank``, with ``S = max(tp, ep*etp)``; modulo N)."""
+    etp, E = layout.expert_tp, spec.num_experts
+    S = max(layout.tp, layout.ep * etp)
     stage = {}
     for p, chunks in enumerate(layout.stage_layers(spec.num_layers)):
         for layers in chunks:
@@ -314,13 +360,20 @@ def layout_writers(spec: ModelSpec, layout: Layout, world: int):
         else:
             pp = 0 if t.key.startswith("embedding.") else layout.pp - 1
         rows = t.shape[lead]
+        expert = lead == 2  # [L, E, ...]
+        n = etp if expert else layout.tp
         if t.rule in ("column", "qkv", "vocab"):
-            tp = row * layout.tp // rows
+            tp = row * n // rows
         elif t.rule == "gated":
-            tp = (row % (rows // 2)) * layout.tp // (rows // 2)
+            tp = (row % (rows // 2)) * n // (rows // 2)
+        elif t.rule == "row":
+            col = piece.dst_off[lead + 1]
+            tp = col * n // t.shape[lead + 1]
         else:
             tp = 0
-        return ((pp * layout.tp + tp) % world,)
+        if expert:
+            tp += layout.expert_rank(piece.dst_off[1], E)[0] * etp
+        return ((pp * S + tp) % world,)
 
     return writers
 

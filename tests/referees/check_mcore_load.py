@@ -2,7 +2,11 @@
 TP/PP with ``dist_checkpointing.load`` (default strictness) and compare every parameter of
 every rank with the HF source mapped by hand (independent of reshard's planner).
 
-    torchrun --nproc-per-node 4 tests/referees/check_mcore_load.py CKPT HF_DIR TP PP
+    torchrun --nproc-per-node 4 tests/referees/check_mcore_load.py CKPT HF_DIR TP PP [EP]
+
+Mixture-of-experts checkpoints are loaded into an MoE GPTModel (local spec, SequentialMLP
+experts, allgather dispatcher) at expert-parallel size EP; expert ``j`` of EP rank ``r`` is
+global expert ``r*E/EP + j``.
 
 Prints one ``OK <n> tensors equal`` line per rank, or raises naming the first difference.
 """
@@ -21,7 +25,38 @@ from tests.expected import load_hf  # noqa: E402
 from tests.referees import mcore  # noqa: E402
 
 
-def expected_local(name, hf, spec, tp, tp_rank, layer_offset, padded):
+MOE_HF = {  # model_type -> (router, expert prefix {e}, gate, up, down)
+    "mixtral": ("block_sparse_moe.gate", "block_sparse_moe.experts.{e}.", "w1", "w3", "w2"),
+    "qwen2_moe": ("mlp.gate", "mlp.experts.{e}.", "gate_proj", "up_proj", "down_proj"),
+}
+
+
+def expected_moe(rest, p, hf, spec, tp, tp_rank, ep_rank):
+    router, expert, gate, up, down = MOE_HF[spec["model_type"]]
+    chunk1 = lambda t: t.chunk(tp, dim=1)[tp_rank]  # noqa: E731
+    if rest == "mlp.router.weight":
+        return hf[p + router + ".weight"]
+    if rest.startswith("mlp.experts.local_experts."):
+        j, fc = int(rest.split(".")[3]), rest.split(".")[4]
+        g = ep_rank * (spec["num_experts"] // EP) + j
+        x = p + expert.format(e=g)
+        if fc == "linear_fc1":
+            return gated_tp_shard(merge_gated(hf[x + gate + ".weight"], hf[x + up + ".weight"]), tp, tp_rank)
+        return chunk1(hf[x + down + ".weight"])
+    if rest == "mlp.shared_experts.linear_fc1.weight":
+        w = merge_gated(hf[p + "mlp.shared_expert.gate_proj.weight"], hf[p + "mlp.shared_expert.up_proj.weight"])
+        return gated_tp_shard(w, tp, tp_rank)
+    if rest == "mlp.shared_experts.linear_fc2.weight":
+        return chunk1(hf[p + "mlp.shared_expert.down_proj.weight"])
+    if rest == "mlp.shared_experts.gate_weight":
+        return hf[p + "mlp.shared_expert_gate.weight"]
+    raise KeyError(f"no expectation for {rest}")
+
+
+EP = 1
+
+
+def expected_local(name, hf, spec, tp, tp_rank, layer_offset, padded, ep_rank=0):
     chunk0 = lambda t: t.chunk(tp, dim=0)[tp_rank]  # noqa: E731
     chunk1 = lambda t: t.chunk(tp, dim=1)[tp_rank]  # noqa: E731
     if name == "embedding.word_embeddings.weight":
@@ -50,12 +85,15 @@ def expected_local(name, hf, spec, tp, tp_rank, layer_offset, padded):
         return gated_tp_shard(merge_gated(hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]), tp, tp_rank)
     if rest == "mlp.linear_fc2.weight":
         return chunk1(hf[p + "mlp.down_proj.weight"])
-    raise KeyError(f"no expectation for {name}")
+    return expected_moe(rest, p, hf, spec, tp, tp_rank, ep_rank)
 
 
-def main():
-    ckpt, hf_dir, tp, pp = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    dist.init_process_group("gloo")
+def check_one(ckpt, hf_dir, tp, pp, ep, resave=None):
+    """Build the model at TP/PP/EP, ``dist_checkpointing.load`` CKPT into it, compare with HF.
+    ``resave``: then save the loaded model the way Megatron does (``dist_checkpointing.save``
+    and a legacy ``state_dict()`` file per rank) - Megatron-made sources with known weights."""
+    global EP
+    EP = ep
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing import load_common_state_dict
 
@@ -65,23 +103,75 @@ def main():
         assert json.load(f)["num_hidden_layers"] == spec["num_layers"]
     vocab_mult = common["args"].make_vocab_size_divisible_by * tp
     padded = -(-spec["vocab_size"] // vocab_mult) * vocab_mult
-    model = mcore.build_gpt(spec, tp, pp, padded)
+    model = mcore.build_gpt(spec, tp, pp, padded, ep=ep)
     mcore.load_torch_dist(model, ckpt)
     hf = load_hf(hf_dir)
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    ep_rank = ps.get_expert_model_parallel_rank()
     offset = pp_rank * (spec["num_layers"] // pp)
     n = 0
     for name, t in model.state_dict().items():
         if name.endswith("_extra_state"):
             continue
-        exp = expected_local(name, hf, spec, tp, tp_rank, offset, padded)
+        exp = expected_local(name, hf, spec, tp, tp_rank, offset, padded, ep_rank)
         if t.shape != exp.shape or not torch.equal(t, exp.to(t.dtype)):
             raise AssertionError(f"rank {dist.get_rank()} (tp {tp_rank}, pp {pp_rank}): {name} differs "
                                  f"(shape {tuple(t.shape)} vs {tuple(exp.shape)})")
         n += 1
     assert n > 0
-    print(f"OK rank {dist.get_rank()} tp {tp_rank} pp {pp_rank}: {n} tensors equal", flush=True)
+    experts = sum(".local_experts." in k and k.endswith("weight") for k in model.state_dict())
+    print(f"OK rank {dist.get_rank()} tp {tp_rank} pp {pp_rank} ep {ep_rank}: {n} tensors equal"
+          + (f" ({experts} expert weights)" if experts else ""), flush=True)
+    if resave:
+        save_like_megatron(model, common, spec, resave, tp, pp, ep, tp_rank, pp_rank, ep_rank)
     dist.barrier()
+
+
+def save_like_megatron(model, common, spec, out, tp, pp, ep, tp_rank, pp_rank, ep_rank):
+    from megatron.core import dist_checkpointing
+    from megatron.core.enums import ModelType
+
+    args = common["args"]
+    for k in ("reshard",):  # Megatron's args only: no reshard record
+        common.pop(k, None)
+    args.tensor_model_parallel_size, args.pipeline_model_parallel_size = tp, pp
+    args.expert_model_parallel_size, args.expert_tensor_parallel_size = ep, tp
+    args.moe_grouped_gemm, args.transformer_impl = False, "local"
+    args.model_type = ModelType.encoder_or_decoder
+    args.vocab_size = None  # Megatron's args hold only the padded vocab
+    args.padded_vocab_size = -(-spec["vocab_size"] // (128 * tp)) * (128 * tp)
+    d = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "") + (f"_{ep_rank:03d}" if ep > 1 else "")
+    path = os.path.join(out, "legacy", "iter_0000007", d, "model_optim_rng.pt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 7, "model": model.state_dict()}, path)
+    td = os.path.join(out, "torch_dist", "iter_0000007")
+    os.makedirs(td, exist_ok=True)
+    sharded = model.sharded_state_dict()
+    sharded.update(args=args, iteration=7, checkpoint_version=3.0)
+    dist_checkpointing.save(sharded, td)
+    if dist.get_rank() == 0:
+        for kind in ("legacy", "torch_dist"):
+            with open(os.path.join(out, kind, "latest_checkpointed_iteration.txt"), "w") as f:
+                f.write("7")
+
+
+def main():
+    """``CKPT HF_DIR TP PP [EP]``, or ``CKPT HF_DIR tp,pp,ep [tp,pp,ep ...] [--resave OUT]``
+    (several layouts in one process group: Megatron is imported once)."""
+    argv = sys.argv[1:]
+    resave = None
+    if "--resave" in argv:
+        i = argv.index("--resave")
+        resave = argv[i + 1]
+        argv = argv[:i] + argv[i + 2:]
+    ckpt, hf_dir, rest = argv[0], argv[1], argv[2:]
+    if "," in rest[0]:
+        layouts = [tuple(int(x) for x in r.split(",")) for r in rest]
+    else:
+        layouts = [(int(rest[0]), int(rest[1]), int(rest[2]) if len(rest) > 2 else 1)]
+    dist.init_process_group("gloo")
+    for k, (tp, pp, ep) in enumerate(layouts):
+        check_one(ckpt, hf_dir, tp, pp, ep, resave if k == 0 else None)
     dist.destroy_process_group()
 
 

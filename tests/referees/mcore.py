@@ -42,10 +42,32 @@ def init_model_parallel(tp: int, pp: int, ep: int = 1) -> None:
     initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
 
 
-def transformer_config(spec: dict, tp: int, pp: int, dtype=torch.float32):
+def moe_config(spec: dict, ep: int) -> dict:
+    """TransformerConfig fields of a mixture-of-experts spec (FORMATS.md §6: allgather
+    dispatcher, SequentialMLP experts); empty for a dense one."""
+    if not spec.get("num_experts"):
+        return {}
+    out = dict(
+        num_moe_experts=spec["num_experts"],
+        moe_ffn_hidden_size=spec.get("moe_ffn_hidden_size") or spec["ffn_hidden_size"],
+        moe_router_topk=spec["num_experts_per_tok"],
+        moe_router_pre_softmax=not spec.get("moe_norm_topk_prob", True),
+        expert_model_parallel_size=ep,
+        moe_token_dispatcher_type="allgather",
+        moe_grouped_gemm=False,
+        moe_router_load_balancing_type="none",
+    )
+    if spec.get("shared_expert_ffn_hidden_size"):
+        out.update(moe_shared_expert_intermediate_size=spec["shared_expert_ffn_hidden_size"],
+                   moe_shared_expert_gate=bool(spec.get("shared_expert_gate")))
+    return out
+
+
+def transformer_config(spec: dict, tp: int, pp: int, dtype=torch.float32, ep: int = 1):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     return TransformerConfig(
+        **moe_config(spec, ep),
         num_layers=spec["num_layers"],
         hidden_size=spec["hidden_size"],
         num_attention_heads=spec["num_attention_heads"],
@@ -74,20 +96,21 @@ def transformer_config(spec: dict, tp: int, pp: int, dtype=torch.float32):
     )
 
 
-def build_gpt(spec: dict, tp: int, pp: int, padded_vocab: int, dtype=torch.float32):
+def build_gpt(spec: dict, tp: int, pp: int, padded_vocab: int, dtype=torch.float32, ep: int = 1):
     """A GPTModel (local spec) for this rank's TP/PP position."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     patch_cuda_for_cpu()
-    init_model_parallel(tp, pp)
-    cfg = transformer_config(spec, tp, pp, dtype)
+    init_model_parallel(tp, pp, ep)
+    cfg = transformer_config(spec, tp, pp, dtype, ep)
     with warnings.catch_warnings(), tensor_cuda_is_identity():
         warnings.simplefilter("ignore")
         model = GPTModel(
             config=cfg,
-            transformer_layer_spec=get_gpt_layer_local_spec(qk_layernorm=False),
+            transformer_layer_spec=get_gpt_layer_local_spec(
+                num_experts=spec.get("num_experts") or None, moe_grouped_gemm=False, qk_layernorm=False),
             vocab_size=padded_vocab,
             max_sequence_length=spec.get("max_position_embeddings", 4096),
             pre_process=parallel_state.is_pipeline_first_stage(),

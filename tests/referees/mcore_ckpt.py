@@ -5,7 +5,9 @@
                                      ``args`` with a Megatron enum, RNG state with numpy objects)
                                      under OUT/legacy, and ``dist_checkpointing.save`` under
                                      OUT/torch_dist (Megatron's own torch_dist writer)
-    check  SPEC_JSON REF KIND CKPT TP PP VPP
+    check  SPEC_JSON REF KIND:CKPT:TP:PP:VPP [KIND:CKPT:TP:PP:VPP ...]
+                                     for each job (in one process group; data parallel fills the
+                                     ranks a layout does not use):
                                      build the model at TP/PP/VPP; load CKPT (KIND = legacy: strict
                                      ``load_state_dict`` of this rank's file; torch_dist:
                                      ``dist_checkpointing.load``); load REF (Megatron's own torch_dist)
@@ -13,7 +15,7 @@
                                      reshards it itself - and compare every tensor (vocab rows past
                                      the true vocab excluded: padding is not data).
 
-VPP = 0 means no virtual pipeline. Prints ``OK rank r ...: n tensors equal`` per rank.
+VPP = 0 means no virtual pipeline. Prints ``OK job k rank r tp t pp p: n tensors equal`` per rank.
 """
 
 import json
@@ -146,7 +148,7 @@ def iter_dir(ckpt):
     return os.path.join(ckpt, "release" if it == "release" else f"iter_{int(it):07d}")
 
 
-def check(spec, ref, kind, ckpt, tp, pp, vpp):
+def check(spec, ref, kind, ckpt, tp, pp, vpp, job=0):
     from megatron.core import parallel_state as ps
 
     padded = padded_vocab(spec, tp)
@@ -179,7 +181,7 @@ def check(spec, ref, kind, ckpt, tp, pp, vpp):
                 raise AssertionError(f"rank {dist.get_rank()} (tp {t} pp {p} chunk {v}): {k} differs")
             n += 1
     assert n > 0
-    print(f"OK rank {dist.get_rank()} tp {t} pp {p}: {n} tensors equal", flush=True)
+    print(f"OK job {job} rank {dist.get_rank()} tp {t} pp {p}: {n} tensors equal", flush=True)
 
 
 def main():
@@ -190,7 +192,10 @@ def main():
     if mode == "make":
         make(spec, sys.argv[3], *map(int, sys.argv[4:7]))
     else:
-        check(spec, sys.argv[3], sys.argv[4], sys.argv[5], *map(int, sys.argv[6:9]))
+        for k, item in enumerate(sys.argv[4:]):
+            kind, ckpt, tp, pp, vpp = item.split(":")
+            check(spec, sys.argv[3], kind, ckpt, int(tp), int(pp), int(vpp), job=k)
+            dist.barrier()
     dist.barrier()
     dist.destroy_process_group()
 
