@@ -15,8 +15,11 @@ def summarize(target: str) -> str:
         f"{r['source']['path']} ({r['source']['format']}, {r['source']['bytes'] / 1e6:.1f} MB) -> "
         f"{r['target']['path']} ({r['target']['format']})",
         f"model: {spec['model_type']} {spec['num_layers']} layers, hidden {spec['hidden_size']}, heads "
-        f"{spec['num_attention_heads']}/{spec['num_query_groups']} kv, vocab {spec['vocab_size']}",
-        f"layout: tp={lay['tp']} pp={lay['pp']} vpp={lay['vpp']} on {r['world_size']} rank(s); "
+        f"{spec['num_attention_heads']}/{spec['num_query_groups']} kv, vocab {spec['vocab_size']}"
+        + (f", {spec['num_experts']} experts (top-{spec['num_experts_per_tok']})" if spec.get("num_experts") else ""),
+        f"layout: tp={lay['tp']} pp={lay['pp']} vpp={lay['vpp']}"
+        + (f" ep={lay['ep']} etp={lay.get('etp') or lay['tp']}" if spec.get("num_experts") else "")
+        + f" on {r['world_size']} rank(s); "
         f"{r['pieces']} pieces, {r['rounds']} exchange round(s)",
         f"bytes: read {t['bytes_read']}, sent {t['bytes_sent']}, received {t['bytes_received']}, "
         f"written {t['bytes_written']} ({t.get('bytes_kernel_copied', 0)} copied file to file by the kernel)",

@@ -6,7 +6,8 @@ One chain per family, run once for the module (every launch is a real torchrun w
   transformers ``save_pretrained`` (several shards)
     -> torch_dist TP=2 EP=2 on 3 ranks
     -> Megatron-core MoE GPTModel (local spec, SequentialMLP experts, allgather dispatcher)
-       ``dist_checkpointing.load`` at TP=1 EP=2 and at TP=2 EP=1, every tensor compared with
+       ``dist_checkpointing.load`` at TP=1 EP=2, at TP=2 EP=1 and at TP=2 EP=2 with expert-TP 1,
+       every tensor compared with
        the HF source mapped by hand; the loaded model is then saved by Megatron itself
        (``dist_checkpointing.save`` + legacy ``state_dict()`` files) as a Megatron-made source
     -> legacy PP=2 EP=2 on 2 ranks (Mixtral: SequentialMLP names; Qwen2-MoE: TE grouped GEMM)
@@ -76,7 +77,7 @@ def chain(tmp_path_factory):
     _jobs(3, [[f"source.path={x['hf']}", f"target.path={x['td']}", "parallel.target_tp=2", "parallel.target_ep=2"]
               for x in d.values()], root, "to_td")
     for fam, x in d.items():
-        p = run_torchrun(2, [CHECK, os.path.join(x["td"], "release"), x["hf"], "1,1,2", "2,1,1",
+        p = run_torchrun(2, [CHECK, os.path.join(x["td"], "release"), x["hf"], "1,1,2", "2,1,1", "2,1,2,1",
                              "--resave", x["mg"]], timeout=600)
         x["megatron"] = [line for line in p.stdout.splitlines() if line.startswith("OK rank")]
     mx = d["mixtral"]
@@ -103,12 +104,15 @@ def chain(tmp_path_factory):
 def test_torch_dist_tp2_ep2_loads_in_megatron_at_ep2_and_ep1(chain, fam):
     oks = chain[fam]["megatron"]
     # 2 ranks at TP=1 EP=2 (each holds 4 of the 8 experts of 4 layers), then 2 ranks at TP=2 EP=1
-    ep2 = sorted(o.split(":")[0] for o in oks if "(32 expert weights)" in o)
+    ep2 = sorted(o.split(":")[0] for o in oks if "(32 expert weights)" in o and "etp" not in o)
     ep1 = sorted(o.split(":")[0] for o in oks if "(64 expert weights)" in o)
     assert ep2 == ["OK rank 0 tp 0 pp 0 ep 0", "OK rank 1 tp 0 pp 0 ep 1"], oks
     assert ep1 == ["OK rank 0 tp 0 pp 0 ep 0", "OK rank 1 tp 1 pp 0 ep 0"], oks
+    # TP=2 with whole experts (expert-TP 1) over EP=2: the same checkpoint, another expert split
+    etp1 = sorted(o.split(":")[0] for o in oks if "etp 1" in o)
+    assert etp1 == ["OK rank 0 tp 0 pp 0 ep 0 etp 1", "OK rank 1 tp 1 pp 0 ep 1 etp 1"], oks
     # the whole source went through: every tensor Megatron holds was compared
-    assert all("tensors equal" in o for o in oks)
+    assert len(oks) == 6 and all("tensors equal" in o for o in oks)
 
 
 def _logits_equal(a, b):
@@ -311,3 +315,47 @@ def test_hf_and_meta_targets_refuse_what_they_cannot_hold(tmp_path):
     bias = dataclasses.replace(spec, moe_expert_bias=True)
     assert hf_problems(bias) == ["MixtralForCausalLM has no router expert bias"]
     assert "Mixtral has no shared expert" in hf_problems(dataclasses.replace(spec, shared_expert_ffn_hidden_size=64))
+    assert hf_problems(dataclasses.replace(spec, moe_router_score_function="sigmoid")) == [
+        "MixtralForCausalLM routes with softmax, the checkpoint with sigmoid"]
+
+
+def _inject_expert_bias(src, dst):
+    """A Megatron legacy MoE checkpoint with aux-loss-free balancing: ``mlp.router.expert_bias``
+    ``[E]`` (fp32, a buffer Megatron checkpoints) per layer, sigmoid routing in ``args``."""
+    shutil.copytree(src, dst)
+    g = torch.Generator().manual_seed(5)
+    bias = {i: torch.randn(8, generator=g) for i in range(4)}
+    for dirpath, _, files in os.walk(dst):
+        if "model_optim_rng.pt" in files:
+            path = os.path.join(dirpath, "model_optim_rng.pt")
+            obj = torch.load(path, weights_only=False)
+            obj["args"].moe_router_enable_expert_bias = True
+            obj["args"].moe_router_score_function = "sigmoid"
+            obj["model"] = {**obj["model"], **{f"decoder.layers.{i}.mlp.router.expert_bias": b
+                                               for i, b in bias.items()}}
+            torch.save(obj, path)
+    return bias
+
+
+def test_the_router_expert_bias_is_kept_through_both_megatron_formats(chain, tmp_path):
+    src = tmp_path / "bias"
+    bias = _inject_expert_bias(os.path.join(chain["mixtral"]["mg"], "legacy"), src)
+    td, leg = tmp_path / "td", tmp_path / "leg"
+    _jobs(2, [[f"source.path={src}", f"target.path={td}", "parallel.target_tp=2", "+model=tiny_mixtral",
+               "model.moe_expert_bias=true", "model.moe_router_score_function=sigmoid"],
+              [f"source.path={td}", f"target.path={leg}", "target.format=megatron_legacy", "parallel.target_pp=2",
+               "parallel.target_ep=4"]], tmp_path, "bias")
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(str(td / "release")).read_metadata().state_dict_metadata
+    assert tuple(md["decoder.layers.mlp.router.expert_bias"].size) == (4, 8)
+    assert md["decoder.layers.mlp.router.expert_bias"].properties.dtype == torch.float32
+    # layer 3 = local layer 1 of stage 1; every EP rank's file holds the (replicated) router and its bias
+    obj = torch.load(os.path.join(leg, "release", "mp_rank_00_001_003", "model_optim_rng.pt"), weights_only=False)
+    assert torch.equal(obj["model"]["decoder.layers.1.mlp.router.expert_bias"], bias[3])
+    assert obj["args"].moe_router_enable_expert_bias and obj["args"].moe_router_score_function == "sigmoid"
+    out = tmp_path / "hf"
+    p = run_reshard([f"source.path={leg}", f"target.path={out}", "target.format=hf"], check=False)
+    assert p.returncode != 0 and "MixtralForCausalLM has no router expert bias" in p.stderr + p.stdout
+    assert "routes with softmax, the checkpoint with sigmoid" in p.stderr + p.stdout
+    assert not out.exists()

@@ -34,15 +34,16 @@ MOE_HF = {  # model_type -> (router, expert prefix {e}, gate, up, down)
 def expected_moe(rest, p, hf, spec, tp, tp_rank, ep_rank):
     router, expert, gate, up, down = MOE_HF[spec["model_type"]]
     chunk1 = lambda t: t.chunk(tp, dim=1)[tp_rank]  # noqa: E731
+    etp, etp_rank = ETP[0] or tp, ETP[1] if ETP[0] else tp_rank
     if rest == "mlp.router.weight":
         return hf[p + router + ".weight"]
     if rest.startswith("mlp.experts.local_experts."):
         j, fc = int(rest.split(".")[3]), rest.split(".")[4]
         g = ep_rank * (spec["num_experts"] // EP) + j
         x = p + expert.format(e=g)
-        if fc == "linear_fc1":
-            return gated_tp_shard(merge_gated(hf[x + gate + ".weight"], hf[x + up + ".weight"]), tp, tp_rank)
-        return chunk1(hf[x + down + ".weight"])
+        if fc == "linear_fc1":  # experts are split over expert-TP
+            return gated_tp_shard(merge_gated(hf[x + gate + ".weight"], hf[x + up + ".weight"]), etp, etp_rank)
+        return hf[x + down + ".weight"].chunk(etp, dim=1)[etp_rank]
     if rest == "mlp.shared_experts.linear_fc1.weight":
         w = merge_gated(hf[p + "mlp.shared_expert.gate_proj.weight"], hf[p + "mlp.shared_expert.up_proj.weight"])
         return gated_tp_shard(w, tp, tp_rank)
@@ -54,6 +55,7 @@ def expected_moe(rest, p, hf, spec, tp, tp_rank, ep_rank):
 
 
 EP = 1
+ETP = (None, 0)  # (expert tensor parallel size or None = tp, this rank's expert-TP rank)
 
 
 def expected_local(name, hf, spec, tp, tp_rank, layer_offset, padded, ep_rank=0):
@@ -88,11 +90,11 @@ def expected_local(name, hf, spec, tp, tp_rank, layer_offset, padded, ep_rank=0)
     return expected_moe(rest, p, hf, spec, tp, tp_rank, ep_rank)
 
 
-def check_one(ckpt, hf_dir, tp, pp, ep, resave=None):
+def check_one(ckpt, hf_dir, tp, pp, ep, resave=None, etp=None):
     """Build the model at TP/PP/EP, ``dist_checkpointing.load`` CKPT into it, compare with HF.
     ``resave``: then save the loaded model the way Megatron does (``dist_checkpointing.save``
     and a legacy ``state_dict()`` file per rank) - Megatron-made sources with known weights."""
-    global EP
+    global EP, ETP
     EP = ep
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing import load_common_state_dict
@@ -103,11 +105,12 @@ def check_one(ckpt, hf_dir, tp, pp, ep, resave=None):
         assert json.load(f)["num_hidden_layers"] == spec["num_layers"]
     vocab_mult = common["args"].make_vocab_size_divisible_by * tp
     padded = -(-spec["vocab_size"] // vocab_mult) * vocab_mult
-    model = mcore.build_gpt(spec, tp, pp, padded, ep=ep)
+    model = mcore.build_gpt(spec, tp, pp, padded, ep=ep, etp=etp)
     mcore.load_torch_dist(model, ckpt)
     hf = load_hf(hf_dir)
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     ep_rank = ps.get_expert_model_parallel_rank()
+    ETP = (etp, ps.get_expert_tensor_parallel_rank() if etp else 0)
     offset = pp_rank * (spec["num_layers"] // pp)
     n = 0
     for name, t in model.state_dict().items():
@@ -120,7 +123,8 @@ def check_one(ckpt, hf_dir, tp, pp, ep, resave=None):
         n += 1
     assert n > 0
     experts = sum(".local_experts." in k and k.endswith("weight") for k in model.state_dict())
-    print(f"OK rank {dist.get_rank()} tp {tp_rank} pp {pp_rank} ep {ep_rank}: {n} tensors equal"
+    print(f"OK rank {dist.get_rank()} tp {tp_rank} pp {pp_rank} ep {ep_rank}"
+          + (f" etp {etp}:{ETP[1]}" if etp else "") + f": {n} tensors equal"
           + (f" ({experts} expert weights)" if experts else ""), flush=True)
     if resave:
         save_like_megatron(model, common, spec, resave, tp, pp, ep, tp_rank, pp_rank, ep_rank)
@@ -156,7 +160,7 @@ def save_like_megatron(model, common, spec, out, tp, pp, ep, tp_rank, pp_rank, e
 
 
 def main():
-    """``CKPT HF_DIR TP PP [EP]``, or ``CKPT HF_DIR tp,pp,ep [tp,pp,ep ...] [--resave OUT]``
+    """``CKPT HF_DIR TP PP [EP]``, or ``CKPT HF_DIR tp,pp,ep[,etp] [tp,pp,ep[,etp] ...] [--resave OUT]``
     (several layouts in one process group: Megatron is imported once)."""
     argv = sys.argv[1:]
     resave = None
@@ -170,8 +174,9 @@ def main():
     else:
         layouts = [(int(rest[0]), int(rest[1]), int(rest[2]) if len(rest) > 2 else 1)]
     dist.init_process_group("gloo")
-    for k, (tp, pp, ep) in enumerate(layouts):
-        check_one(ckpt, hf_dir, tp, pp, ep, resave if k == 0 else None)
+    for k, lay in enumerate(layouts):
+        tp, pp, ep = lay[:3]
+        check_one(ckpt, hf_dir, tp, pp, ep, resave if k == 0 else None, lay[3] if len(lay) > 3 else None)
     dist.destroy_process_group()
 
 

@@ -30,19 +30,19 @@ def tensor_cuda_is_identity():
         torch.Tensor.cuda = orig
 
 
-def init_model_parallel(tp: int, pp: int, ep: int = 1) -> None:
+def init_model_parallel(tp: int, pp: int, ep: int = 1, etp=None) -> None:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
 
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        expert_model_parallel_size=ep,
+        expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
     )
     initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
 
 
-def moe_config(spec: dict, ep: int) -> dict:
+def moe_config(spec: dict, ep: int, etp=None) -> dict:
     """TransformerConfig fields of a mixture-of-experts spec (FORMATS.md §6: allgather
     dispatcher, SequentialMLP experts); empty for a dense one."""
     if not spec.get("num_experts"):
@@ -53,6 +53,7 @@ def moe_config(spec: dict, ep: int) -> dict:
         moe_router_topk=spec["num_experts_per_tok"],
         moe_router_pre_softmax=not spec.get("moe_norm_topk_prob", True),
         expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
         moe_token_dispatcher_type="allgather",
         moe_grouped_gemm=False,
         moe_router_load_balancing_type="none",
@@ -63,11 +64,11 @@ def moe_config(spec: dict, ep: int) -> dict:
     return out
 
 
-def transformer_config(spec: dict, tp: int, pp: int, dtype=torch.float32, ep: int = 1):
+def transformer_config(spec: dict, tp: int, pp: int, dtype=torch.float32, ep: int = 1, etp=None):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     return TransformerConfig(
-        **moe_config(spec, ep),
+        **moe_config(spec, ep, etp),
         num_layers=spec["num_layers"],
         hidden_size=spec["hidden_size"],
         num_attention_heads=spec["num_attention_heads"],
@@ -96,15 +97,15 @@ def transformer_config(spec: dict, tp: int, pp: int, dtype=torch.float32, ep: in
     )
 
 
-def build_gpt(spec: dict, tp: int, pp: int, padded_vocab: int, dtype=torch.float32, ep: int = 1):
+def build_gpt(spec: dict, tp: int, pp: int, padded_vocab: int, dtype=torch.float32, ep: int = 1, etp=None):
     """A GPTModel (local spec) for this rank's TP/PP position."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     patch_cuda_for_cpu()
-    init_model_parallel(tp, pp, ep)
-    cfg = transformer_config(spec, tp, pp, dtype, ep)
+    init_model_parallel(tp, pp, ep, etp)
+    cfg = transformer_config(spec, tp, pp, dtype, ep, etp)
     with warnings.catch_warnings(), tensor_cuda_is_identity():
         warnings.simplefilter("ignore")
         model = GPTModel(
