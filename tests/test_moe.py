@@ -73,13 +73,18 @@ def chain(tmp_path_factory):
     d = {fam: {"hf": save_transformers_model(preset, str(root / fam / "hf"), max_shard_size="40KB")}
          for fam, preset in MOE.items()}
     for fam, x in d.items():
-        x.update({k: str(root / fam / k) for k in ("td", "leg", "hf2", "mg", "mg_leg_hf", "mg_td_hf")})
+        x.update({k: str(root / fam / k) for k in ("td", "leg", "hf2", "mg", "mg_leg_hf", "mg_td_hf", "leg_ep2")})
     _jobs(3, [[f"source.path={x['hf']}", f"target.path={x['td']}", "parallel.target_tp=2", "parallel.target_ep=2"]
-              for x in d.values()], root, "to_td")
+              for x in d.values()] + [
+        # for a strict load_state_dict by Megatron's local spec at TP=1 EP=2
+        [f"source.path={d['mixtral']['td']}", f"target.path={d['mixtral']['leg_ep2']}", "target.format=megatron_legacy",
+         "parallel.target_ep=2", "target.transformer_impl=local"]], root, "to_td")
     for fam, x in d.items():
+        legacy = ["--legacy", os.path.join(x["leg_ep2"], "release")] if fam == "mixtral" else []
         p = run_torchrun(2, [CHECK, os.path.join(x["td"], "release"), x["hf"], "1,1,2", "2,1,1", "2,1,2,1",
-                             "--resave", x["mg"]], timeout=600)
+                             "--resave", x["mg"], *legacy], timeout=600)
         x["megatron"] = [line for line in p.stdout.splitlines() if line.startswith("OK rank")]
+        x["megatron_legacy"] = [line for line in p.stdout.splitlines() if line.startswith("OK legacy")]
     mx = d["mixtral"]
     _old_grouped_mlp(os.path.join(mx["mg"], "legacy"), str(root / "old_form"))
     mx["old_hf"] = str(root / "old_form_hf")
@@ -113,6 +118,14 @@ def test_torch_dist_tp2_ep2_loads_in_megatron_at_ep2_and_ep1(chain, fam):
     assert etp1 == ["OK rank 0 tp 0 pp 0 ep 0 etp 1", "OK rank 1 tp 1 pp 0 ep 1 etp 1"], oks
     # the whole source went through: every tensor Megatron holds was compared
     assert len(oks) == 6 and all("tensors equal" in o for o in oks)
+
+
+def test_legacy_ep2_files_load_strictly_into_megatron(chain):
+    """SequentialMLP names with local expert indices, _extra_state entries, the router: exactly the
+    state_dict() of a Megatron-core MoE GPTModel (local spec) at TP=1 EP=2, values equal to the source."""
+    oks = sorted(chain["mixtral"]["megatron_legacy"])
+    assert [o.split(":")[0] for o in oks] == ["OK legacy mp_rank_00_000 rank 0", "OK legacy mp_rank_00_001 rank 1"], oks
+    assert all("55 tensors equal" in o for o in oks)
 
 
 def _logits_equal(a, b):

@@ -90,7 +90,7 @@ def expected_local(name, hf, spec, tp, tp_rank, layer_offset, padded, ep_rank=0)
     return expected_moe(rest, p, hf, spec, tp, tp_rank, ep_rank)
 
 
-def check_one(ckpt, hf_dir, tp, pp, ep, resave=None, etp=None):
+def check_one(ckpt, hf_dir, tp, pp, ep, resave=None, etp=None, legacy=None):
     """Build the model at TP/PP/EP, ``dist_checkpointing.load`` CKPT into it, compare with HF.
     ``resave``: then save the loaded model the way Megatron does (``dist_checkpointing.save``
     and a legacy ``state_dict()`` file per rank) - Megatron-made sources with known weights."""
@@ -112,22 +112,33 @@ def check_one(ckpt, hf_dir, tp, pp, ep, resave=None, etp=None):
     ep_rank = ps.get_expert_model_parallel_rank()
     ETP = (etp, ps.get_expert_tensor_parallel_rank() if etp else 0)
     offset = pp_rank * (spec["num_layers"] // pp)
-    n = 0
-    for name, t in model.state_dict().items():
-        if name.endswith("_extra_state"):
-            continue
-        exp = expected_local(name, hf, spec, tp, tp_rank, offset, padded, ep_rank)
-        if t.shape != exp.shape or not torch.equal(t, exp.to(t.dtype)):
-            raise AssertionError(f"rank {dist.get_rank()} (tp {tp_rank}, pp {pp_rank}): {name} differs "
-                                 f"(shape {tuple(t.shape)} vs {tuple(exp.shape)})")
-        n += 1
-    assert n > 0
+
+    def compare():
+        n = 0
+        for name, t in model.state_dict().items():
+            if name.endswith("_extra_state"):
+                continue
+            exp = expected_local(name, hf, spec, tp, tp_rank, offset, padded, ep_rank)
+            if t.shape != exp.shape or not torch.equal(t, exp.to(t.dtype)):
+                raise AssertionError(f"rank {dist.get_rank()} (tp {tp_rank}, pp {pp_rank}): {name} differs "
+                                     f"(shape {tuple(t.shape)} vs {tuple(exp.shape)})")
+            n += 1
+        assert n > 0
+        return n
+
+    n = compare()
     experts = sum(".local_experts." in k and k.endswith("weight") for k in model.state_dict())
     print(f"OK rank {dist.get_rank()} tp {tp_rank} pp {pp_rank} ep {ep_rank}"
           + (f" etp {etp}:{ETP[1]}" if etp else "") + f": {n} tensors equal"
           + (f" ({experts} expert weights)" if experts else ""), flush=True)
     if resave:
         save_like_megatron(model, common, spec, resave, tp, pp, ep, tp_rank, pp_rank, ep_rank)
+    if legacy:  # this rank's legacy file, strictly loaded into the same model, compared again
+        d = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "") + (f"_{ep_rank:03d}" if ep > 1 else "")
+        state = torch.load(os.path.join(legacy, d, "model_optim_rng.pt"), weights_only=False)
+        assert state["args"].expert_model_parallel_size == ep and state["args"].num_experts == spec["num_experts"]
+        model.load_state_dict(state["model"], strict=True)
+        print(f"OK legacy {d} rank {dist.get_rank()}: strict load_state_dict, {compare()} tensors equal", flush=True)
     dist.barrier()
 
 
@@ -160,14 +171,17 @@ def save_like_megatron(model, common, spec, out, tp, pp, ep, tp_rank, pp_rank, e
 
 
 def main():
-    """``CKPT HF_DIR TP PP [EP]``, or ``CKPT HF_DIR tp,pp,ep[,etp] [tp,pp,ep[,etp] ...] [--resave OUT]``
+    """``CKPT HF_DIR TP PP [EP]``, or ``CKPT HF_DIR tp,pp,ep[,etp] [tp,pp,ep[,etp] ...] [--resave OUT]
+    [--legacy ITER_DIR]`` (``--legacy``: also strict-load that legacy checkpoint at the first layout)``
     (several layouts in one process group: Megatron is imported once)."""
     argv = sys.argv[1:]
-    resave = None
-    if "--resave" in argv:
-        i = argv.index("--resave")
-        resave = argv[i + 1]
-        argv = argv[:i] + argv[i + 2:]
+    opts = {}
+    for flag in ("--resave", "--legacy"):
+        if flag in argv:
+            i = argv.index(flag)
+            opts[flag] = argv[i + 1]
+            argv = argv[:i] + argv[i + 2:]
+    resave, legacy = opts.get("--resave"), opts.get("--legacy")
     ckpt, hf_dir, rest = argv[0], argv[1], argv[2:]
     if "," in rest[0]:
         layouts = [tuple(int(x) for x in r.split(",")) for r in rest]
@@ -176,7 +190,8 @@ def main():
     dist.init_process_group("gloo")
     for k, lay in enumerate(layouts):
         tp, pp, ep = lay[:3]
-        check_one(ckpt, hf_dir, tp, pp, ep, resave if k == 0 else None, lay[3] if len(lay) > 3 else None)
+        check_one(ckpt, hf_dir, tp, pp, ep, resave if k == 0 else None, lay[3] if len(lay) > 3 else None,
+                  legacy if k == 0 else None)
     dist.destroy_process_group()
 
 
