@@ -20,14 +20,20 @@ from reshard.progress import peak_rss_mb  # noqa: E402
 from reshard.transforms import merge_gated, merge_qkv, pad_vocab  # noqa: E402
 
 
-def main():
-    src, dst, tp = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def load_hf_dir(src):
+    """``(config, every tensor)`` of an HF checkpoint, all in memory - what these tools do."""
     with open(os.path.join(src, "config.json")) as f:
         cfg = json.load(f)
     hf = {}
     for name in sorted(os.listdir(src)):
         if name.endswith(".safetensors"):
             hf.update(load_file(os.path.join(src, name)))
+    return cfg, hf
+
+
+def main():
+    src, dst, tp = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    cfg, hf = load_hf_dir(src)
     L, ng = cfg["num_hidden_layers"], cfg["num_key_value_heads"]
     m = 128 * tp
     padded = -(-cfg["vocab_size"] // m) * m

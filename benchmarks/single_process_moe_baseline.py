@@ -9,27 +9,23 @@ whole Hugging Face checkpoint (every safetensors file), builds every rank's tens
 ``peak_rss_mb=<n>`` at the end.
 """
 
-import json
 import os
 import sys
 
 import torch
-from safetensors.torch import load_file
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, os.pardir))
+sys.path.insert(0, HERE)
 from reshard.progress import peak_rss_mb  # noqa: E402
 from reshard.transforms import gated_tp_shard, merge_gated, merge_qkv, pad_vocab  # noqa: E402
+from single_process_baseline import load_hf_dir  # noqa: E402
 
 
 def main():
     src, dst = sys.argv[1], sys.argv[2]
     tp, ep = int(sys.argv[3]), int(sys.argv[4])
-    with open(os.path.join(src, "config.json")) as f:
-        cfg = json.load(f)
-    hf = {}
-    for name in sorted(os.listdir(src)):
-        if name.endswith(".safetensors"):
-            hf.update(load_file(os.path.join(src, name)))
+    cfg, hf = load_hf_dir(src)
     L, E, ng = cfg["num_hidden_layers"], cfg["num_local_experts"], cfg["num_key_value_heads"]
     m = 128 * tp
     padded = -(-cfg["vocab_size"] // m) * m

@@ -6,6 +6,7 @@ even split, virtual pipeline chunks, and an uneven first/last stage.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import List, Optional
@@ -38,8 +39,6 @@ class Layout:
         """The layout an entry's tensor is split by: experts use expert-TP, the rest TP."""
         if getattr(entry, "expert", None) is None or self.expert_tp == self.tp:
             return self
-        import dataclasses
-
         return dataclasses.replace(self, tp=self.expert_tp)
 
     def expert_rank(self, expert: int, num_experts: int) -> tuple:

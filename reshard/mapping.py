@@ -14,6 +14,7 @@ every expert is planned, moved and verified like any other tensor - no fused exp
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from dataclasses import dataclass, field
@@ -64,8 +65,6 @@ class Entry:
 
     def for_expert(self, e: int) -> "Entry":
         """This expert-template entry for global expert ``e`` (canonical names filled in)."""
-        import dataclasses
-
         changes = {f.name: getattr(self, f.name).replace("{e}", str(e)) for f in dataclasses.fields(self)
                    if isinstance(getattr(self, f.name), str) and "{e}" in getattr(self, f.name)}
         return dataclasses.replace(self, expert=e, **changes)

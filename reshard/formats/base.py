@@ -14,6 +14,7 @@ A format module offers the same verbs (DESIGN.md "Format"):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import math
 import mmap
 import os
 import warnings
@@ -91,6 +92,15 @@ class SourceIndex:
         return total
 
 
+def contiguous_start(shape: Shape, index: Shape) -> int:
+    """Element offset of ``index`` in a C-order tensor of ``shape``."""
+    start, stride = 0, 1
+    for o, n in zip(reversed(index), reversed(shape)):
+        start += o * stride
+        stride *= n
+    return start
+
+
 def contiguous_run(shape: Shape, offsets: Shape, sizes: Shape) -> Optional[Tuple[int, int]]:
     """``(first element, numel)`` when the rectangle is one contiguous run of a C-order
     tensor of ``shape``, else None."""
@@ -100,23 +110,7 @@ def contiguous_run(shape: Shape, offsets: Shape, sizes: Shape) -> Optional[Tuple
     for e in range(d + 1, len(sizes)):
         if offsets[e] != 0 or sizes[e] != shape[e]:
             return None
-    start, stride = 0, 1
-    for o, n in zip(reversed(offsets), reversed(shape)):
-        start += o * stride
-        stride *= n
-    numel = 1
-    for s in sizes:
-        numel *= s
-    return start, numel
-
-
-def contiguous_start(shape: Shape, index: Shape) -> int:
-    """Element offset of ``index`` in a C-order tensor of ``shape``."""
-    start, stride = 0, 1
-    for o, n in zip(reversed(index), reversed(shape)):
-        start += o * stride
-        stride *= n
-    return start
+    return contiguous_start(shape, offsets), math.prod(sizes)
 
 
 class RawReader:

@@ -11,6 +11,7 @@ local tensors; readers use the same function backwards to find canonical tensors
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -227,8 +228,6 @@ def _etp(args: Any) -> Optional[int]:
 def layout_of_common(common: dict, spec: ModelSpec) -> Layout:
     ours = common.get("reshard") if isinstance(common, dict) else None
     if isinstance(ours, dict) and isinstance(ours.get("layout"), dict):
-        import dataclasses
-
         known = {f.name for f in dataclasses.fields(Layout)}
         return Layout(**{k: v for k, v in ours["layout"].items() if k in known})
     return layout_from_args(common["args"], spec)

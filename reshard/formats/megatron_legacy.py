@@ -182,9 +182,11 @@ def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[
                 if not isinstance(ref, TensorRef):
                     problems.append(f"{files[d]} [{mkey}]: {key} is not a tensor")
                     continue
-                exp = mg.local_shape(e, spec, src_layout)
+                exp, origin = mg.local_shape(e, spec, src_layout), None
                 if old_form:  # [h, E_local*2f] / [E_local*f, h]: experts side by side, transposed
-                    exp = (exp[1], E_local * exp[0]) if e.tp_rule == "gated" else (E_local * exp[1], exp[0])
+                    (R, C), gated = exp, e.tp_rule == "gated"
+                    exp = (C, E_local * R) if gated else (E_local * C, R)
+                    origin = (0, local * R) if gated else (local * C, 0)  # where this expert's block starts
                 if e.tp_rule == "vocab":  # padded for the source tp; the padding is never read
                     exp = (ref.shape[0],) + exp[1:]
                     if ref.shape[0] * src_layout.tp < spec.vocab_size:
@@ -202,12 +204,10 @@ def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[
                 st = StoredTensor(rel(d), f"{mkey}/{key}", tuple(ref.shape), ref.dtype, ref.offset)
                 rows = ref.shape[0] * src_layout.tp if e.tp_rule == "vocab" else None
                 for pl in mg.local_placements(e, spec, src_layout, tp, i, reading=True, rows=rows):
-                    if old_form:
+                    if origin:  # local (r, c) is stored at origin + (c, r)
                         r, c = pl.dst_off
-                        gated = e.tp_rule == "gated"
-                        base = (0, local * exp[1] // E_local) if gated else (local * exp[0] // E_local, 0)
-                        slices[pl.canonical].append(SourceSlice(st, pl.c_off, (c + base[0], r + base[1]), pl.c_size,
-                                                                TRANSPOSE))
+                        slices[pl.canonical].append(SourceSlice(st, pl.c_off, (origin[0] + c, origin[1] + r),
+                                                                pl.c_size, TRANSPOSE))
                     else:
                         slices[pl.canonical].append(SourceSlice(st, pl.c_off, pl.dst_off, pl.c_size))
                     dtypes[pl.canonical] = ref.dtype

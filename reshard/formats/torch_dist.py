@@ -249,23 +249,28 @@ def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[
                     e = es[0] if x is None else es[x]
                     lead = ((i,) if stacked else ()) + (() if x is None else (x,))
                     for pl in mg.local_placements(e, spec, glob, 0, i, lead=lead, reading=True, rows=rows):
-                        d_sz = (1,) * len(lead) + tuple(pl.c_size)
-                        lo = tuple(max(a, b) for a, b in zip(pl.dst_off, c_lo))
-                        hi = tuple(min(a + x_, b + y) for a, x_, b, y in zip(pl.dst_off, d_sz, c_lo, c_sz))
-                        if any(h <= q for q, h in zip(lo, hi)):
-                            continue
-                        n = len(lead)
-                        c_off = tuple(c + (q - d) for c, q, d in zip(pl.c_off, lo[n:], pl.dst_off[n:]))
-                        s_off = tuple(q - c for q, c in zip(lo, c_lo))
-                        size = tuple(h - q for q, h in zip(lo[n:], hi[n:]))
-                        slices[pl.canonical].append(SourceSlice(st, c_off, s_off, size))
-                        dtypes[pl.canonical] = ref.dtype
+                        sl = _slice_in_chunk(st, pl, len(lead), c_lo, c_sz)
+                        if sl is not None:
+                            slices[pl.canonical].append(sl)
+                            dtypes[pl.canonical] = ref.dtype
     shapes = {n: e.part_shape(spec, role) for n, (e, role, _) in table.canonical_names(spec).items()}
     sizes = {os.path.normpath(os.path.join(rel, f)): os.path.getsize(os.path.join(ckpt, f)) for f in files}
     index = SourceIndex(NAME, root, spec, shapes, dtypes, dict(slices), sizes, it)
     index.guessed = mg.GUESSED_FROM_ARGS if mg.spec_is_guessed(common) else ()
     index.source_layout = mg.layout_of_common(common, spec) if "args" in common or "reshard" in common else None
     return index
+
+
+def _slice_in_chunk(st: StoredTensor, pl: Placement, n: int, c_lo, c_sz) -> Optional[SourceSlice]:
+    """The part of placement ``pl`` (``n`` leading layer/expert axes) inside the DCP chunk
+    ``[c_lo, c_lo+c_sz)`` stored as ``st``, or None when they do not meet."""
+    d_sz = (1,) * n + tuple(pl.c_size)
+    lo = tuple(max(a, b) for a, b in zip(pl.dst_off, c_lo))
+    hi = tuple(min(a + x, b + y) for a, x, b, y in zip(pl.dst_off, d_sz, c_lo, c_sz))
+    if any(h <= q for q, h in zip(lo, hi)):
+        return None
+    c_off = tuple(c + (q - d) for c, q, d in zip(pl.c_off, lo[n:], pl.dst_off[n:]))
+    return SourceSlice(st, c_off, tuple(q - c for q, c in zip(lo, c_lo)), tuple(h - q for q, h in zip(lo[n:], hi[n:])))
 
 
 class Reader(RawReader):
@@ -366,9 +371,6 @@ def layout_writers(spec: ModelSpec, layout: Layout, world: int):
             tp = row * n // rows
         elif t.rule == "gated":
             tp = (row % (rows // 2)) * n // (rows // 2)
-        elif t.rule == "row":
-            col = piece.dst_off[lead + 1]
-            tp = col * n // t.shape[lead + 1]
         else:
             tp = 0
         if expert:

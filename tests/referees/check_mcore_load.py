@@ -31,15 +31,16 @@ MOE_HF = {  # model_type -> (router, expert prefix {e}, gate, up, down)
 }
 
 
-def expected_moe(rest, p, hf, spec, tp, tp_rank, ep_rank):
+def expected_moe(rest, p, hf, spec, tp, tp_rank, experts):
+    """``experts`` = (ep, ep_rank, etp, etp_rank) of this rank."""
     router, expert, gate, up, down = MOE_HF[spec["model_type"]]
     chunk1 = lambda t: t.chunk(tp, dim=1)[tp_rank]  # noqa: E731
-    etp, etp_rank = ETP[0] or tp, ETP[1] if ETP[0] else tp_rank
+    ep, ep_rank, etp, etp_rank = experts
     if rest == "mlp.router.weight":
         return hf[p + router + ".weight"]
     if rest.startswith("mlp.experts.local_experts."):
         j, fc = int(rest.split(".")[3]), rest.split(".")[4]
-        g = ep_rank * (spec["num_experts"] // EP) + j
+        g = ep_rank * (spec["num_experts"] // ep) + j
         x = p + expert.format(e=g)
         if fc == "linear_fc1":  # experts are split over expert-TP
             return gated_tp_shard(merge_gated(hf[x + gate + ".weight"], hf[x + up + ".weight"]), etp, etp_rank)
@@ -54,11 +55,7 @@ def expected_moe(rest, p, hf, spec, tp, tp_rank, ep_rank):
     raise KeyError(f"no expectation for {rest}")
 
 
-EP = 1
-ETP = (None, 0)  # (expert tensor parallel size or None = tp, this rank's expert-TP rank)
-
-
-def expected_local(name, hf, spec, tp, tp_rank, layer_offset, padded, ep_rank=0):
+def expected_local(name, hf, spec, tp, tp_rank, layer_offset, padded, experts=None):
     chunk0 = lambda t: t.chunk(tp, dim=0)[tp_rank]  # noqa: E731
     chunk1 = lambda t: t.chunk(tp, dim=1)[tp_rank]  # noqa: E731
     if name == "embedding.word_embeddings.weight":
@@ -87,15 +84,13 @@ def expected_local(name, hf, spec, tp, tp_rank, layer_offset, padded, ep_rank=0)
         return gated_tp_shard(merge_gated(hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]), tp, tp_rank)
     if rest == "mlp.linear_fc2.weight":
         return chunk1(hf[p + "mlp.down_proj.weight"])
-    return expected_moe(rest, p, hf, spec, tp, tp_rank, ep_rank)
+    return expected_moe(rest, p, hf, spec, tp, tp_rank, experts or (1, 0, tp, tp_rank))
 
 
 def check_one(ckpt, hf_dir, tp, pp, ep, resave=None, etp=None, legacy=None):
     """Build the model at TP/PP/EP, ``dist_checkpointing.load`` CKPT into it, compare with HF.
     ``resave``: then save the loaded model the way Megatron does (``dist_checkpointing.save``
     and a legacy ``state_dict()`` file per rank) - Megatron-made sources with known weights."""
-    global EP, ETP
-    EP = ep
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing import load_common_state_dict
 
@@ -110,7 +105,8 @@ def check_one(ckpt, hf_dir, tp, pp, ep, resave=None, etp=None, legacy=None):
     hf = load_hf(hf_dir)
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     ep_rank = ps.get_expert_model_parallel_rank()
-    ETP = (etp, ps.get_expert_tensor_parallel_rank() if etp else 0)
+    etp_rank = ps.get_expert_tensor_parallel_rank() if etp else tp_rank
+    experts = (ep, ep_rank, etp or tp, etp_rank)
     offset = pp_rank * (spec["num_layers"] // pp)
 
     def compare():
@@ -118,7 +114,7 @@ def check_one(ckpt, hf_dir, tp, pp, ep, resave=None, etp=None, legacy=None):
         for name, t in model.state_dict().items():
             if name.endswith("_extra_state"):
                 continue
-            exp = expected_local(name, hf, spec, tp, tp_rank, offset, padded, ep_rank)
+            exp = expected_local(name, hf, spec, tp, tp_rank, offset, padded, experts)
             if t.shape != exp.shape or not torch.equal(t, exp.to(t.dtype)):
                 raise AssertionError(f"rank {dist.get_rank()} (tp {tp_rank}, pp {pp_rank}): {name} differs "
                                      f"(shape {tuple(t.shape)} vs {tuple(exp.shape)})")
@@ -127,10 +123,10 @@ def check_one(ckpt, hf_dir, tp, pp, ep, resave=None, etp=None, legacy=None):
         return n
 
     n = compare()
-    experts = sum(".local_experts." in k and k.endswith("weight") for k in model.state_dict())
+    n_expert_weights = sum(".local_experts." in k and k.endswith("weight") for k in model.state_dict())
     print(f"OK rank {dist.get_rank()} tp {tp_rank} pp {pp_rank} ep {ep_rank}"
-          + (f" etp {etp}:{ETP[1]}" if etp else "") + f": {n} tensors equal"
-          + (f" ({experts} expert weights)" if experts else ""), flush=True)
+          + (f" etp {etp}:{etp_rank}" if etp else "") + f": {n} tensors equal"
+          + (f" ({n_expert_weights} expert weights)" if n_expert_weights else ""), flush=True)
     if resave:
         save_like_megatron(model, common, spec, resave, tp, pp, ep, tp_rank, pp_rank, ep_rank)
     if legacy:  # this rank's legacy file, strictly loaded into the same model, compared again
