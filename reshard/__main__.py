@@ -8,6 +8,7 @@ in ``reshard/dist.py``)::
     python -m reshard --multirun +model=llama3_8b parallel.target_tp=1,2,4,8
     python -m reshard inspect <dir> [--json]
     python -m reshard compare <a> <b> [--atol X]      (also under torchrun: shared out over ranks)
+    python -m reshard clean <target> [--force]        (what interrupted runs left beside a target)
 
 Under torchrun every rank composes the same config; only rank 0 writes Hydra's output files
 and logs to the console, the other ranks log to ``${paths.log_dir}``.
@@ -55,6 +56,16 @@ def _rank_logging(cfg: DictConfig, rank: int) -> None:
     root.setLevel(level)
 
 
+def _traceback_to_log_files(e: BaseException) -> list:
+    """The traceback of ``e`` into this rank's log file(s) only, never the console."""
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    rec = log.makeRecord(log.name, logging.ERROR, __file__, 0, "traceback of %s", (type(e).__name__,),
+                         (type(e), e, e.__traceback__))
+    for h in files:
+        h.handle(rec)
+    return [h.baseFilename for h in files]
+
+
 def job(cfg: DictConfig) -> None:
     from .run import convert
 
@@ -63,14 +74,20 @@ def job(cfg: DictConfig) -> None:
     try:
         config.validate(cfg)
         convert(cfg)
-    except ReshardError as e:
-        log.error("%s: %s", type(e).__name__, e)
+    except Exception as e:  # one line per failure; the traceback goes to the rank's log file
+        where = _traceback_to_log_files(e)
+        if isinstance(e, ReshardError):
+            log.error("%s: %s", type(e).__name__, e)
+        else:
+            log.error("InternalError on rank %d: %s: %s - nothing was committed; this is a bug in reshard, please "
+                      "report it with the traceback from %s", rank, type(e).__name__, e,
+                      where[0] if where else "the rank's log")
         if os.environ.get("SUBMITIT_EXECUTOR"):
             raise  # one Slurm job per sweep point: the job itself must fail so the sweep sees it
         _failures.append(str(cfg.target.path))
 
 
-TOOLS = {"inspect": "reshard.inspect", "compare": "reshard.compare"}
+TOOLS = {"inspect": "reshard.inspect", "compare": "reshard.compare", "clean": "reshard.staging"}
 
 
 def main() -> int:

@@ -82,6 +82,12 @@ class IOConfig:
     # memory, and write records without zip CRC32; false: read + write every byte, with CRCs
     kernel_copy: bool = True
     progress: str = "auto"  # auto | bar | log | none
+    # a claim (lock beside the target) of a run on another host whose heartbeat is older than this
+    # counts as abandoned; on this host a claim is abandoned as soon as its process is gone
+    stale_lock_s: float = 300
+    # overwrite=true: auto swaps old and new in one renameat2(RENAME_EXCHANGE) where the file system
+    # has it, else follows a journal that the next run (or reshard clean) completes; journal: always that
+    commit: str = "auto"
 
 
 @dataclass
@@ -193,8 +199,52 @@ def validate(cfg) -> None:
     if cfg.target.format in ("hf", "meta") and (p.target_ep, p.target_etp) != (1, None):
         problems.append(f"parallel.target_ep/etp describe Megatron layouts; target.format={cfg.target.format} "
                         "has none")
+    problems += _value_problems(cfg)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _value_problems(cfg) -> list:
+    """Values the types allow but a checkpoint cannot have."""
+    out = []
+    p, t, s = cfg.parallel, cfg.target, cfg.source
+    for name in ("target_tp", "target_pp", "target_ep", "make_vocab_size_divisible_by"):
+        if getattr(p, name) < 1:
+            out.append(f"parallel.{name}={getattr(p, name)} must be >= 1")
+    for name in ("target_vpp", "target_etp", "target_first_stage_layers", "target_last_stage_layers"):
+        v = getattr(p, name)
+        if v is not None and v < 1:
+            out.append(f"parallel.{name}={v} must be >= 1 (or null)")
+    if p.target_vpp is not None and p.target_pp == 1 and p.target_vpp > 1:
+        out.append("parallel.target_vpp needs parallel.target_pp > 1 (virtual stages interleave pipeline stages)")
+    if (p.target_first_stage_layers is not None or p.target_last_stage_layers is not None) and p.target_pp == 1:
+        out.append("parallel.target_first/last_stage_layers need parallel.target_pp > 1")
+    for name, v in (("target.iteration", t.iteration), ("source.iteration", s.iteration)):
+        if v is not None and v < 0:
+            out.append(f"{name}={v} must be >= 0 (or null for release/)")
+    if t.format == "hf" and str(t.max_shard_size) != "auto":
+        try:
+            from .formats.hf import _parse_size
+
+            if _parse_size(t.max_shard_size) <= 0:
+                raise ValueError
+        except (ValueError, TypeError):
+            out.append(f"target.max_shard_size={t.max_shard_size!r}: use auto, a byte count or a size such as "
+                       "500MB, 5GB, 2GiB")
+    for name, v in (("target.hf_reference", t.hf_reference), ("target.hf_side_files", t.hf_side_files)):
+        if v is not None and not os.path.isdir(str(v)):
+            out.append(f"{name}={v}: no such directory")
+        elif v is not None and t.format not in ("hf", "meta"):
+            out.append(f"{name} is used by target.format=hf (and meta); target.format={t.format} has no side files")
+    if s.iteration is not None and s.format in ("hf", "meta"):
+        out.append(f"source.iteration applies to Megatron sources; source.format={s.format} has no iterations")
+    if cfg.io.stale_lock_s <= 0:
+        out.append("io.stale_lock_s must be > 0")
+    if cfg.io.commit not in ("auto", "journal"):
+        out.append(f"io.commit={cfg.io.commit!r}: use auto or journal")
+    if cfg.dry_run_world is not None and cfg.dry_run_world < 1:
+        out.append("dry_run_world must be >= 1")
+    return out
 
 
 CONF_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "conf"))

@@ -7,6 +7,7 @@ Works the same for ``python -m reshard`` (one process), ``torchrun`` (``RANK``,
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
@@ -17,7 +18,7 @@ from typing import Mapping, Optional
 import torch
 import torch.distributed as dist
 
-from .errors import PeerError
+from .errors import Interrupted, PeerError, is_lost_peer, lost_peer
 
 
 @dataclass(frozen=True)
@@ -90,21 +91,40 @@ def world() -> int:
 def agree(err: Optional[BaseException], what: str) -> None:
     """Collective verdict on ``what``: raises on every rank when any rank failed it (``err``).
 
-    A rank that failed raises its own ``err``; the others raise :class:`PeerError`, so no rank
-    is left waiting in a collective that will never come. Either exception is marked
+    A rank that failed raises its own ``err``; the others raise :class:`PeerError` naming the
+    failed rank and its cause, so no rank is left waiting in a collective that will never come
+    and rank 0's one line says what happened wherever it happened. Either exception is marked
     (:func:`agreed`) so that callers further up do not hold a second vote on the same failure.
+    A rank that lost a peer (or was interrupted) raises at once: there is nobody to vote with.
     """
-    failed = [rank()] if err is not None else []
+    if err is not None and (is_lost_peer(err) or isinstance(err, Interrupted)):
+        err._reshard_agreed = True
+        raise err
+    failed = {rank(): summary(err)} if err is not None else {}
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        flag = torch.tensor([0 if err is None else 1], dtype=torch.int32, device=dev)
-        bad = [torch.zeros(1, dtype=torch.int32, device=dev) for _ in range(dist.get_world_size())]
-        dist.all_gather(bad, flag)
-        failed = [r for r, b in enumerate(bad) if int(b)]
+        try:
+            dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            flag = torch.tensor([0 if err is None else 1], dtype=torch.int32, device=dev)
+            bad = [torch.zeros(1, dtype=torch.int32, device=dev) for _ in range(dist.get_world_size())]
+            dist.all_gather(bad, flag)
+            if any(int(b) for b in bad):
+                failed = {r: m for r, m in enumerate(gather_objects(summary(err) if err is not None else None))
+                          if m is not None}
+        except Exception as e:
+            if not is_lost_peer(e):
+                raise
+            raise lost_peer(what, rank(), e) from None
     if failed:
-        e = err or PeerError(f"{what} failed on rank(s) {failed}; see that rank's log for the cause")
+        r0 = min(failed)
+        more = f" (and rank(s) {sorted(failed)[1:]})" if len(failed) > 1 else ""
+        e = err or PeerError(f"{what} failed on rank {r0}{more}: {failed[r0]}")
         e._reshard_agreed = True
         raise e
+
+
+def summary(err: BaseException) -> str:
+    """``Class: message`` of an error, as rank 0 repeats it for another rank."""
+    return f"{type(err).__name__}: {err}"
 
 
 def agreed(err: Optional[BaseException]) -> bool:
@@ -112,19 +132,32 @@ def agreed(err: Optional[BaseException]) -> bool:
     return getattr(err, "_reshard_agreed", False)
 
 
-def broadcast_object(obj, src: int = 0):
+@contextlib.contextmanager
+def collective(what: str):
+    """A collective whose failure because a peer went away is a :class:`PeerError` line."""
+    try:
+        yield
+    except Exception as e:
+        if not is_lost_peer(e) or isinstance(e, PeerError):
+            raise
+        raise lost_peer(what, rank(), e) from None
+
+
+def broadcast_object(obj, src: int = 0, what: str = "a broadcast between ranks"):
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    with collective(what):
+        dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
-def gather_objects(obj):
+def gather_objects(obj, what: str = "a gather between ranks"):
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [obj]
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    with collective(what):
+        dist.all_gather_object(out, obj)
     return out
 
 

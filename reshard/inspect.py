@@ -109,7 +109,8 @@ def inspect(path: str, fmt: str = "auto", vocab_size=None) -> dict:
         info["canonical_tensors"] = len(index.slices)
         info["canonical_bytes"] = index.total_bytes
     except ReshardError as e:
-        info["problems"].append(str(e))
+        if str(e) not in info["problems"]:  # the same broken header found by both passes: say it once
+            info["problems"].append(str(e))
     info["files"] = len({t["file"] for t in info["tensors"]})
     info["stored_bytes"] = sum(t["bytes"] for t in info["tensors"])
     return info

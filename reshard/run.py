@@ -20,7 +20,9 @@ from typing import Dict, List, Optional
 import torch
 
 from . import dist as rdist
-from .errors import LayoutError, ReshardError, SourceError, VerifyError
+from . import faults
+from .errors import (ConfigError, LayoutError, ReshardError, SourceError, TargetError, VerifyError, WriteError,
+                     is_lost_peer, is_no_space, lost_peer, space_error)
 from .exchange import run_exchange
 from .formats import files as file_formats
 from .formats import hf, megatron_legacy, meta, torch_dist
@@ -32,7 +34,8 @@ from .models import table_for
 from .plan import Piece, Plan, build_plan, check_coverage
 from .progress import Progress, Stats
 from .spec import ModelSpec, check_preset, hf_problems
-from .staging import check_target, commit, discard, staging_dir
+from .signals import interrupts_deferred, stop_on_signals
+from .staging import Claim, check_target, commit, discard, mark_staging, recover, staging_dir
 
 log = logging.getLogger("reshard")
 
@@ -109,6 +112,11 @@ def check_source(index, table, spec: ModelSpec) -> None:
                         f"silently): {_few(unknown)}")
     if bad_shapes:
         problems.append(f"{len(bad_shapes)} shape(s) disagree with the config: {_few(bad_shapes)}")
+    not_float = [f"{n} ({str(index.dtypes[n]).replace('torch.', '')})" for n in sorted(present & set(wanted))
+                 if n in index.dtypes and not index.dtypes[n].is_floating_point]
+    if not_float:
+        problems.append(f"{len(not_float)} tensor(s) are not floating point in a floating-point model (a quantized "
+                        f"or damaged checkpoint? reshard converts float weights only): {_few(not_float)}")
     if problems:
         raise SourceError(f"source {index.root} does not match its architecture ({spec.model_type}, "
                           f"{spec.num_layers} layers):\n  - " + "\n  - ".join(problems))
@@ -122,6 +130,9 @@ def resolve(cfg, world: int) -> Job:
     """Metadata only: detect, index, check, plan. Same result on every rank."""
     src, tgt = os.path.abspath(cfg.source.path), os.path.abspath(cfg.target.path)
     fmt = detect_format(src, cfg.source.format)
+    if cfg.source.iteration is not None and fmt.NAME in ("hf", "meta"):
+        raise ConfigError(f"source.iteration={cfg.source.iteration}: {src} is a {fmt.NAME} checkpoint, which has no "
+                          "iterations (source.iteration selects iter_XXXXXXX/ of a Megatron checkpoint)")
     preset = preset_spec(cfg.model)
     index = fmt.read_index(src, cfg.source.iteration, preset.vocab_size if preset else cfg.model.vocab_size)
     spec = index.spec
@@ -229,30 +240,101 @@ class PieceSource:
 
 
 def execute(job: Job, cfg, rank: int, world: int, stats: Stats) -> dict:
-    """The data phase and the commit. Collective; on any rank's failure nothing is committed."""
-    run_id = rdist.broadcast_object(uuid.uuid4().hex[:12] if rank == 0 else None)
+    """Claim the target, write, verify, commit. Collective; on any rank's failure nothing is
+    committed, this run's staging is removed and the claim released (a kill -9 leaves both to
+    the next run, which removes them: :func:`staging.recover`)."""
+    run_id = rdist.broadcast_object(uuid.uuid4().hex[:12] if rank == 0 else None, what="starting the run")
     stage = staging_dir(job.target, run_id)
-    err, report = None, None
+    claim = Claim(job.target, run_id, cfg.io.stale_lock_s) if rank == 0 else None
+    err, report, where, recovered = None, None, ["claiming the target"], []
+    needed = sum(p.out_nbytes * p.repeat for p in job.plan.written_by(rank))
     try:
+        err0 = None
+        if rank == 0:
+            try:
+                claim.acquire()
+                recovered = recover(job.target)
+                check_target(job.target, job.source, cfg.overwrite)  # again: the target may have changed
+                _check_space(job, cfg)
+                mark_staging(stage, claim.owner)
+            except Exception as e:
+                err0 = _translate(e, where[0], rank, needed, stage, job.source)
+        rdist.agree(err0, "claiming the target")
+        faults.point("claimed")
+        where[0] = "writing the target"
         sub = iteration_dirname(job.iteration) if cfg.target.format in MEGATRON_TARGETS else ""
         out_dir = os.path.join(stage, sub)
         report = _write_staged(job, cfg, rank, world, stats, out_dir)
+        if recovered:
+            report["recovered"] = recovered  # what this run removed or completed of earlier runs
         if cfg.verify:
+            where[0] = "verifying the output"
+            faults.point("verify")
             with stats.phase("verify"):
                 report["verify"] = verify_output(job, cfg, out_dir)
         if rank == 0:
+            where[0] = "committing"
             with stats.phase("commit"):
                 _finish(stage, job, report, cfg.target.format)
-                commit(stage, job.target)
+                if not claim.still_mine():
+                    raise TargetError(f"the claim on {job.target} was taken over by another run while this one "
+                                      f"was writing (its heartbeat stalled past io.stale_lock_s="
+                                      f"{cfg.io.stale_lock_s:g}); nothing was committed")
+                commit(stage, job.target, cfg.overwrite, cfg.io.commit)
+            faults.point("committed")
     except Exception as e:  # every rank must still take part in the verdict below
-        err = e
-    if err is not None and rank == 0:
-        discard(stage)
+        err = _translate(e, where[0], rank, needed, stage, job.source)
+    finally:
+        if rank == 0:
+            with interrupts_deferred():
+                if err is not None or os.path.isdir(stage):
+                    discard(stage)
+                claim.release()
     if not rdist.agreed(err):  # a failure agreed on inside the data phase needs no second vote
-        rdist.agree(err, "writing the target")
+        rdist.agree(err, where[0])
     if err is not None:
         raise err
     return report
+
+
+def _translate(e: BaseException, what: str, rank: int, needed: int, stage: str, source: str) -> BaseException:
+    """Any failure as one :class:`ReshardError` line naming the rank, the file and the cause
+    (the traceback goes to the rank's log, see ``__main__``). A failure the ranks already agreed
+    on stays agreed on (:func:`rdist.agreed`): no rank may vote on it twice."""
+    out = _translated(e, what, rank, needed, stage, source)
+    if out is not e and rdist.agreed(e):
+        out._reshard_agreed = True
+    return out
+
+
+def _translated(e: BaseException, what: str, rank: int, needed: int, stage: str, source: str) -> BaseException:
+    if isinstance(e, ReshardError):
+        return e
+    if is_lost_peer(e):
+        return lost_peer(what, rank, e)
+    if is_no_space(e):
+        return space_error(e, rank, needed, stage)
+    if isinstance(e, OSError):
+        f = str(e.filename or "")
+        cls = SourceError if f.startswith(source) else WriteError
+        out = cls(f"rank {rank}: {e.strerror or e}{': ' + f if f else ''} ({what}); nothing was committed")
+        out.__cause__ = e
+        return out
+    return e
+
+
+def _check_space(job: Job, cfg) -> None:
+    """Rank 0, before anything is written: the output must fit (the old target stays until the commit)."""
+    parent = os.path.dirname(os.path.realpath(job.target))
+    needed = sum(t.dtype.itemsize * math.prod(t.shape) for t in job.plan.targets.values())
+    try:
+        st = os.statvfs(parent)
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    if needed > free:
+        raise TargetError(f"not enough space for {job.target}: the output needs {needed} bytes, {free} are free on "
+                          f"{parent}; nothing was written (free space or choose another target.path)")
 
 
 def _write_staged(job: Job, cfg, rank: int, world: int, stats: Stats, ckpt_dir: str) -> dict:
@@ -264,11 +346,12 @@ def _write_staged(job: Job, cfg, rank: int, world: int, stats: Stats, ckpt_dir: 
     err = None
     if rank == 0:
         try:
-            os.makedirs(ckpt_dir, exist_ok=ckpt_dir.endswith(os.sep))
+            os.makedirs(ckpt_dir, exist_ok=True)
         except OSError as e:
             err = e
     rdist.agree(err, "creating the staging directory")
     with stats.phase("exchange"):
+        faults.point("exchange")
         source.held = run_exchange(job.plan, rank, source.read, device, stats.counters)
 
     def wrote(n: int, kernel_copied: int) -> None:
@@ -283,7 +366,8 @@ def _write_staged(job: Job, cfg, rank: int, world: int, stats: Stats, ckpt_dir: 
                 try:
                     _write_files(job, cfg, rank, mine, source, ckpt_dir, wrote)
                 except Exception as e:  # no collective inside: the verdict below keeps ranks in step
-                    err = e
+                    err = _translate(e, "writing the target files", rank,
+                                     sum(p.out_nbytes * p.repeat for p in mine), ckpt_dir, job.source)
                 rdist.agree(err, "writing the target files")
             else:
                 torch_dist.write(ckpt_dir, rank, world, mine, job.plan.targets, source.payload, job.extra_keys,
@@ -401,6 +485,11 @@ def _finish(stage: str, job: Job, report: dict, fmt: str) -> None:
 
 def convert(cfg) -> dict:
     """Run one conversion under the current process group (initialising it if needed)."""
+    with stop_on_signals():
+        return _convert(cfg)
+
+
+def _convert(cfg) -> dict:
     env = rdist.init(cfg.device)
     rank, world = rdist.rank(), rdist.world()
     stats = Stats()
@@ -410,8 +499,9 @@ def convert(cfg) -> dict:
         try:
             job = resolve(cfg, cfg.dry_run_world or world if cfg.dry_run else world)
         except Exception as e:  # every rank fails the same way; agree() keeps them in step
-            err = e
+            err = _translate(e, "planning", rank, 0, "", "")
     rdist.agree(err, "planning")
+    faults.point("plan")
     if rank == 0:
         moe = (f" ep={job.layout.ep} etp={job.layout.expert_tp} ({job.spec.num_experts} experts)"
                if job.spec.is_moe else "")

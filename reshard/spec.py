@@ -213,8 +213,30 @@ def spec_from_hf_config(cfg: Mapping[str, Any], where: str = "config.json") -> M
         )
     except KeyError as e:
         raise SourceError(f"{where}: required field {e.args[0]!r} is missing") from None
+    except (TypeError, ValueError) as e:
+        bad = [f"{k}={v!r}" for k, v in cfg.items() if k in _HF_NUMBERS and not _is_number(v)]
+        raise SourceError(f"{where}: {', '.join(bad) if bad else e}: expected a number; fix config.json "
+                          "(it does not describe this checkpoint as written)") from None
     spec.check()
     return spec
+
+
+_HF_NUMBERS = ("num_attention_heads", "hidden_size", "num_hidden_layers", "num_key_value_heads", "head_dim",
+               "intermediate_size", "vocab_size", "rms_norm_eps", "rope_theta", "max_position_embeddings",
+               "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+               "shared_expert_intermediate_size", "decoder_sparse_step")
+
+
+def _is_number(v) -> bool:
+    if v is None or isinstance(v, bool):
+        return v is None
+    if isinstance(v, (int, float)):
+        return True
+    try:
+        float(v)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def _moe_from_hf(cfg: Mapping[str, Any], model_type: str, where: str) -> dict:

@@ -75,3 +75,13 @@ def hf_models(tmp_path_factory):
 def read_json(path):
     with open(path) as f:
         return json.load(f)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fault-injection totals (tests/test_faults.py), when that module ran."""
+    mod = sys.modules.get("test_faults")
+    lines = mod.fault_totals() if mod is not None else []
+    if lines:
+        terminalreporter.write_sep("=", "fault injection totals")
+        for line in lines:
+            terminalreporter.write_line(line)

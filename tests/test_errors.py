@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from reshard import config
-from reshard.errors import ConfigError, LayoutError, SourceError, TargetError, UnsupportedError
+from reshard.errors import ConfigError, LayoutError, SourceError, TargetError, UnsupportedError, WriteError
 from reshard.run import convert
 from reshard.synthetic import load_preset, write_hf
 
@@ -175,7 +175,7 @@ def test_a_failure_while_writing_leaves_nothing_behind(tmp_path, src, monkeypatc
 
     monkeypatch.setattr(torch_dist, "write", write_then_fail)
     out = str(tmp_path / "out")
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(WriteError, match=r"rank 0: disk full \(simulated\) \(writing the target\); nothing was committed"):
         _convert(src, out)
     _nothing_left(out)
 
@@ -187,7 +187,7 @@ def test_a_failure_while_writing_keeps_the_previous_target_when_overwriting(tmp_
     _convert(src, str(out))
     before = sorted(os.listdir(out / "release"))
     monkeypatch.setattr(torch_dist, "write", lambda *a, **k: (_ for _ in ()).throw(OSError("boom")))
-    with pytest.raises(OSError, match="boom"):
+    with pytest.raises(WriteError, match="boom"):
         _convert(src, str(out), "overwrite=true")
     assert sorted(os.listdir(out / "release")) == before
     assert not glob.glob(str(tmp_path / ".out.reshard-staging-*"))

@@ -70,3 +70,40 @@ def assemble(pieces: Sequence[Piece], tgts: Dict[str, TargetTensor], payload: Ca
     """Yield ``(file, {name: tensor})`` for each file these pieces fill, one file at a time."""
     for file, items in assemble_lazy(pieces, tgts, payload):
         yield file, {t.name: build() for t, build in items}
+
+
+class _RecordingFile:
+    """A file object for ``torch.save`` that keeps the OSError of a failed write: torch's zip
+    writer reports any short write as ``unexpected pos`` and loses the cause (ENOSPC, EIO)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def torch_save(obj, f, path: str) -> None:
+    """``torch.save(obj, f)``; a failed write raises its own OSError, naming ``path``."""
+    rec = _RecordingFile(f)
+    try:
+        torch.save(obj, rec)
+    except (OSError, RuntimeError) as e:
+        cause = rec.error or (e if isinstance(e, OSError) else None)
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror, cause.filename or path) from e
+
+
+def name_file(e: OSError, path: str) -> OSError:
+    """``e`` with ``path`` as its file when the failing call did not say (a plain write())."""
+    if e.filename is None:
+        e.filename = path
+    return e

@@ -10,15 +10,18 @@ on any size and finds truncated or missing shards before any data moves. Reads a
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from typing import Dict, Optional
 
 import torch
 
+from .. import faults
 from ..errors import SourceError
 from ..spec import read_hf_config
 from .base import RawReader, SourceIndex, SourceSlice, StoredTensor
+from .files import name_file
 
 NAME = "hf"
 INDEX_FILE = "model.safetensors.index.json"
@@ -76,19 +79,45 @@ def read_header(file_path: str) -> Dict[str, StoredTensor]:
                           "copy the complete checkpoint (every shard) and retry") from None
     except (OSError, ValueError) as e:
         raise SourceError(f"{file_path} cannot be read as safetensors: {e}") from None
+    if not isinstance(header, dict):
+        raise SourceError(f"{file_path} cannot be read as safetensors: its header is not a JSON object")
     header.pop("__metadata__", None)
     base = 8 + hlen
-    out, end = {}, base
+    out, spans = {}, []
     for key, info in header.items():
-        start, stop = info["data_offsets"]
-        dtype = DTYPES.get(info["dtype"])
+        try:
+            start, stop = (int(x) for x in info["data_offsets"])
+            shape = tuple(int(x) for x in info["shape"])
+            dtname = info["dtype"]
+        except (KeyError, TypeError, ValueError):
+            raise SourceError(f"{file_path}: tensor {key} has a malformed header entry {info!r}") from None
+        dtype = DTYPES.get(dtname)
         if dtype is None:
-            raise SourceError(f"{file_path}: tensor {key} has unsupported dtype {info['dtype']}")
-        out[key] = StoredTensor(rel, key, tuple(info["shape"]), dtype, base + start)
-        end = max(end, base + stop)
+            raise SourceError(f"{file_path}: tensor {key} has unsupported dtype {dtname}")
+        nbytes = dtype.itemsize * math.prod(shape) if all(d >= 0 for d in shape) else -1
+        if start < 0 or stop - start != nbytes:
+            raise SourceError(f"{file_path}: tensor {key} ({dtname} {list(shape)}) needs {nbytes} bytes but its "
+                              f"data_offsets [{start}, {stop}] span {stop - start}: the header is corrupt (the "
+                              "safetensors library refuses this file too); fetch or re-save this shard")
+        out[key] = StoredTensor(rel, key, shape, dtype, base + start)
+        spans.append((start, stop, key))
+    pos, prev = 0, None
+    for start, stop, key in sorted(spans):  # the rules of safetensors' own validation
+        if start < pos:
+            raise SourceError(f"{file_path}: tensor {key} (bytes {start}..{stop}) overlaps tensor {prev}: the header "
+                              "is corrupt (the safetensors library refuses this file too); fetch or re-save this shard")
+        if start > pos:
+            raise SourceError(f"{file_path}: {start - pos} bytes before tensor {key} belong to no tensor: the header "
+                              "is corrupt (the safetensors library refuses this file too); fetch or re-save this shard")
+        pos, prev = stop, key
+    end = base + pos
     if end > size:
         raise SourceError(f"{file_path} is truncated: its header needs {end} bytes but the file has {size}; "
                           "the copy or download was interrupted - fetch this shard again")
+    if end < size:
+        raise SourceError(f"{file_path} has {size - end} bytes after its last tensor that its header does not "
+                          "describe: the file is corrupt or was overwritten (the safetensors library refuses it "
+                          "too); fetch this shard again")
     return out
 
 
@@ -107,7 +136,12 @@ def read_index(path: str, iteration=None, vocab_size=None) -> SourceIndex:
                                   f"names: {absent[:8]}{' ...' if len(absent) > 8 else ''}")
         for key, st in stored.items():
             if promised is not None and key not in promised:
-                continue  # the index is the authority on which file holds a name
+                where_else = next((f for f, names in files.items() if names and key in names), None)
+                raise SourceError(
+                    f"{os.path.join(path, fname)} holds tensor {key}, which "
+                    + (f"the index places in {where_else}: two copies, and reshard will not guess which is right"
+                       if where_else else "the index does not name: refusing to drop it silently")
+                    + f"; fix {INDEX_FILE} or remove the stray copy")
             if key in slices:
                 raise SourceError(f"tensor {key} appears in two files of {path}")
             zero = (0,) * len(st.shape)
@@ -228,6 +262,13 @@ def write_file(out_dir: str, file: str, items, fsync: bool) -> int:
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     path = os.path.join(out_dir, file)
+    try:
+        return _stream_file(path, raw, items, off, fsync)
+    except OSError as e:
+        raise name_file(e, path)
+
+
+def _stream_file(path: str, raw: bytes, items, off: int, fsync: bool) -> int:
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         for t, build in items:
@@ -235,8 +276,10 @@ def write_file(out_dir: str, file: str, items, fsync: bool) -> int:
             assert tuple(x.shape) == tuple(t.shape) and x.dtype == t.dtype, t.name
             f.write(memoryview(x.view(torch.uint8).numpy()) if x.numel() else b"")
             del x
+            faults.point("write")
         if fsync:
             f.flush()
+            faults.point("fsync")
             os.fsync(f.fileno())
     return off
 

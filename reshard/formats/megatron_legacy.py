@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .. import dist as rdist
+from .. import faults
 from ..errors import SourceError
 from ..layout import Layout
 from ..mapping import MappingTable
@@ -29,6 +30,7 @@ from ..plan import TargetTensor
 from ..spec import ModelSpec
 from . import megatron as mg
 from .base import TRANSPOSE, RawReader, SourceIndex, SourceSlice, StoredTensor
+from .files import torch_save
 from .torchzip import TensorRef, parse_file
 
 NAME = "megatron_legacy"
@@ -356,8 +358,10 @@ def write_file(ckpt_dir: str, file: str, tensors: Dict[str, torch.Tensor], spec:
     path = os.path.join(ckpt_dir, file)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        torch_save(obj, f, path)
+        faults.point("write")
         if fsync:
             f.flush()
+            faults.point("fsync")
             os.fsync(f.fileno())
     return sum(t.nbytes for t in tensors.values())

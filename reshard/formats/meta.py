@@ -19,11 +19,13 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .. import dist as rdist
+from .. import faults
 from ..errors import SourceError
 from ..models import table_for
 from ..plan import Placement, TargetTensor
 from ..spec import ModelSpec
 from .base import RawReader, SourceIndex, SourceSlice, StoredTensor
+from .files import torch_save
 from .torchzip import TensorRef, parse_file
 
 NAME = "meta"
@@ -277,9 +279,11 @@ def params_json(spec: ModelSpec) -> dict:
 def write_file(out_dir: str, file: str, tensors: Dict[str, torch.Tensor], fsync: bool) -> int:
     path = os.path.join(out_dir, file)
     with open(path, "wb") as f:
-        torch.save({k: v.contiguous() for k, v in tensors.items()}, f)
+        torch_save({k: v.contiguous() for k, v in tensors.items()}, f, path)
+        faults.point("write")
         if fsync:
             f.flush()
+            faults.point("fsync")
             os.fsync(f.fileno())
     return sum(t.nbytes for t in tensors.values())
 

@@ -33,7 +33,8 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from .. import dist as rdist
-from ..errors import SourceError, WriteError
+from .. import faults
+from ..errors import ReshardError, SourceError, WriteError, is_lost_peer, is_no_space, lost_peer, space_error
 from ..layout import Layout
 from ..mapping import MappingTable
 from ..models import table_for
@@ -41,6 +42,7 @@ from ..plan import Piece, Placement, TargetTensor
 from ..spec import ModelSpec
 from . import megatron as mg
 from .base import RawReader, SourceIndex, SourceSlice, StoredTensor
+from .files import torch_save
 from .torchzip import TensorRef, parse_file, parse_record, restricted_loads
 
 NAME = "torch_dist"
@@ -505,14 +507,16 @@ class _StreamingWriter(FileSystemWriter):
                     self._on_bytes(data.nbytes, self._save_span(stream, data))
                 else:
                     data = _exact_storage(data.detach().cpu())
-                    torch.save(data, stream)
+                    torch_save(data, stream, stream.name)
                     self._on_bytes(data.nbytes, 0)
                 length = stream.tell() - offset
+                faults.point("write")
                 results.append(WriteResult(index=item.index, size_in_bytes=length,
                                            storage_data=_StorageInfo(name, offset, length)))
                 del data
             if self._fsync:
                 stream.flush()
+                faults.point("fsync")
                 os.fsync(stream.fileno())
         fut: Future = Future()
         fut.set_result(results)
@@ -524,7 +528,7 @@ class _StreamingWriter(FileSystemWriter):
         real bytes, so the record is right either way. Returns the bytes the kernel copied."""
         crc = _crc_config()
         if crc is None or crc.save.compute_crc32:
-            torch.save(_exact_storage(span.load()), stream)  # a CRC needs the real bytes in memory
+            torch_save(_exact_storage(span.load()), stream, stream.name)  # a CRC needs the real bytes in memory
             return 0
         if self._scratch is None or self._scratch.numel() < span.nbytes:
             self._scratch = torch.empty(span.nbytes, dtype=torch.uint8)
@@ -532,11 +536,11 @@ class _StreamingWriter(FileSystemWriter):
         placeholder = torch.empty(0, dtype=span.dtype).set_(sub, 0, span.shape)
         start = stream.tell()
         s = _SpanStream(stream, span, placeholder.data_ptr())
-        torch.save(placeholder, s)
+        torch_save(placeholder, s, stream.name)
         if not s.used:
             stream.seek(start)
             stream.truncate()
-            torch.save(_exact_storage(span.load()), stream)
+            torch_save(_exact_storage(span.load()), stream, stream.name)
             return 0
         return s.kernel_bytes
 
@@ -614,11 +618,39 @@ def write(ckpt_dir: str, rank: int, world: int, pieces: Sequence[Piece], tgts: D
             dcp.save({}, storage_writer=_StreamingWriter(ckpt_dir, fsync, on_bytes),
                      planner=_PiecePlanner(items, resolve))
     except CheckpointException as e:  # a BaseException in torch: turn it into an ordinary error
-        causes = "; ".join(f"rank {r}: {type(x).__name__}: {x}" for r, x in sorted(e.failures.items()))
-        raise WriteError(f"writing {ckpt_dir} failed ({causes}); nothing was committed") from None
+        raise _write_failure(e, ckpt_dir, sum(p.out_nbytes * p.repeat for p in pieces)) from None
     if rank == 0:
         with open(os.path.join(ckpt_dir, "metadata.json"), "w") as f:
             json.dump(METADATA_JSON, f)
+
+
+def _write_failure(e: CheckpointException, ckpt_dir: str, needed: int) -> Exception:
+    """DCP's collected failures (each an exception, or an (exception, stack) pair) as one line:
+    no space, a lost peer, or each rank's cause - never the stack frames."""
+    causes = {}
+    for r, x in sorted(e.failures.items()):
+        causes[r] = x[0] if isinstance(x, tuple) and x and isinstance(x[0], BaseException) else x
+    for r, x in causes.items():
+        if is_no_space(x) or "unexpected pos" in str(x) and _nearly_full(ckpt_dir):
+            if not is_no_space(x):
+                x = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), getattr(x, "filename", None) or ckpt_dir)
+            return space_error(x, r, needed, ckpt_dir)
+    for r, x in causes.items():
+        if isinstance(x, ReshardError):
+            return x
+        if isinstance(x, BaseException) and is_lost_peer(x):
+            return lost_peer("writing the torch_dist files", r, x)
+    text = "; ".join(f"rank {r}: {type(x).__name__}: {str(x).strip().splitlines()[0] if str(x).strip() else ''}"
+                     for r, x in causes.items())
+    return WriteError(f"writing {ckpt_dir} failed ({text}); nothing was committed")
+
+
+def _nearly_full(path: str) -> bool:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
 
 
 def load_full(ckpt_dir: str):
