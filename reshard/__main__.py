@@ -104,7 +104,10 @@ def main() -> int:
         hydra.main(version_base="1.3", config_path=config.CONF_DIR, config_name="config")(job)()
     finally:  # also when Hydra exits on an unexpected error: leave no gloo/NCCL thread behind
         if dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                dist.destroy_process_group()
+            except Exception:  # a peer already gone: its failure was reported above, exit as planned
+                pass
     if _failures:
         if rank == 0 and len(_failures) > 1:
             log.error("%d job(s) failed: %s", len(_failures), ", ".join(_failures))

@@ -108,9 +108,14 @@ def inspect(path: str, fmt: str = "auto", vocab_size=None) -> dict:
         info["iteration"] = index.iteration
         info["canonical_tensors"] = len(index.slices)
         info["canonical_bytes"] = index.total_bytes
+        for f, names in sorted(index.unlisted.items()):
+            info["problems"].append(f"{f} holds {len(names)} tensor(s) the index does not name: {sorted(names)[:8]}")
     except ReshardError as e:
         if str(e) not in info["problems"]:  # the same broken header found by both passes: say it once
             info["problems"].append(str(e))
+    from .staging import leftovers
+
+    info["beside"] = leftovers(path)  # a running or interrupted run's claim, staging, journal
     info["files"] = len({t["file"] for t in info["tensors"]})
     info["stored_bytes"] = sum(t["bytes"] for t in info["tensors"])
     return info
@@ -144,6 +149,9 @@ def format_text(info: dict) -> str:
     for t in info["tensors"]:
         lines.append(f"  {t['name']:<{w}}  {str(tuple(t['shape'])):<22} {t['dtype']:<9} {t['bytes']:>14,d}  "
                      f"{t['file']}")
+    if info.get("beside"):
+        lines.append("beside it (a reshard run writing here now, or one that was interrupted: `reshard clean "
+                     f"{info['path']}` removes what a gone run left): " + ", ".join(info["beside"]))
     if info["problems"]:
         lines.append("PROBLEMS:")
         lines += ["  " + p.replace("\n", "\n  ") for p in info["problems"]]

@@ -112,6 +112,10 @@ def check_source(index, table, spec: ModelSpec) -> None:
                         f"silently): {_few(unknown)}")
     if bad_shapes:
         problems.append(f"{len(bad_shapes)} shape(s) disagree with the config: {_few(bad_shapes)}")
+    unlisted = [f"{n} (in {f})" for f, names in sorted(index.unlisted.items()) for n in sorted(names)]
+    if unlisted:
+        problems.append(f"{len(unlisted)} stored tensor(s) the index does not name (refusing to drop them silently; "
+                        f"fix the index or remove them): {_few(unlisted)}")
     not_float = [f"{n} ({str(index.dtypes[n]).replace('torch.', '')})" for n in sorted(present & set(wanted))
                  if n in index.dtypes and not index.dtypes[n].is_floating_point]
     if not_float:

@@ -178,6 +178,17 @@ def duplicate_tensor(root):
     return _base(src, root)
 
 
+@case("a stored tensor the index does not name", "SourceError", "stored tensor(s) the index does not name")
+def unindexed_tensor(root):
+    from safetensors.torch import load_file, save_file
+
+    src = _src(root)
+    sd = load_file(_shard(src, 2))
+    sd["model.layers.0.mlp.adapter.weight"] = sd[sorted(sd)[0]].clone()
+    save_file(sd, _shard(src, 2), metadata={"format": "pt"})
+    return _base(src, root)
+
+
 @case("an int8 tensor in a float model", "SourceError", "are not floating point")
 def int8_tensor(root):
     from safetensors.torch import load_file, save_file

@@ -125,9 +125,12 @@ def test_kill_9_commits_nothing_and_the_next_run_cleans_up(tmp_path, src, fmt, p
     assert p.returncode != 0, p.stdout[-2000:]
     committed = _committed(target) and before is None
     assert not committed
+    left = leftovers(target)
     if point == "commit" and os.path.exists(target):  # RENAME_EXCHANGE not yet done: the old one is intact
         assert read_json(os.path.join(target, "reshard_report.json"))["source"] == before
-    left = leftovers(target)
+        ins = subprocess.run([sys.executable, "-m", "reshard", "inspect", target], capture_output=True, text=True,
+                             env=_env(), cwd=REPO)
+        assert "beside it" in ins.stdout and all(x in ins.stdout for x in left), ins.stdout[-2000:]
     if victim == 1:  # rank 0 saw its peer go, said so in one line, removed its own staging and claim
         assert left == [], left
         assert "[reshard][ERROR] - PeerError: rank 0 lost its connection" in p.stdout or \

@@ -78,6 +78,8 @@ class SourceIndex:
     iteration: Optional[int] = None
     source_layout: Optional[object] = None  # the Layout a Megatron source was saved at
     guessed: Tuple[str, ...] = ()  # spec fields the format cannot record (a preset may set them)
+    # stored tensors the format's own index does not name (file -> names): never read, always reported
+    unlisted: Dict[str, List[str]] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:

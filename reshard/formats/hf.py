@@ -125,7 +125,7 @@ def read_index(path: str, iteration=None, vocab_size=None) -> SourceIndex:
     """``iteration`` and ``vocab_size`` are for Megatron sources; HF has neither."""
     spec = read_hf_config(path)
     files = _weight_files(path)
-    slices, shapes, dtypes, sizes = {}, {}, {}, {}
+    slices, shapes, dtypes, sizes, unlisted = {}, {}, {}, {}, {}
     for fname, promised in sorted(files.items()):
         stored = read_header(os.path.join(path, fname))
         sizes[fname] = os.path.getsize(os.path.join(path, fname))
@@ -137,18 +137,19 @@ def read_index(path: str, iteration=None, vocab_size=None) -> SourceIndex:
         for key, st in stored.items():
             if promised is not None and key not in promised:
                 where_else = next((f for f, names in files.items() if names and key in names), None)
-                raise SourceError(
-                    f"{os.path.join(path, fname)} holds tensor {key}, which "
-                    + (f"the index places in {where_else}: two copies, and reshard will not guess which is right"
-                       if where_else else "the index does not name: refusing to drop it silently")
-                    + f"; fix {INDEX_FILE} or remove the stray copy")
+                if where_else:
+                    raise SourceError(f"{os.path.join(path, fname)} holds tensor {key}, which the index places in "
+                                      f"{where_else}: two copies, and reshard will not guess which is right; fix "
+                                      f"{INDEX_FILE} or remove the stray copy")
+                unlisted.setdefault(fname, []).append(key)  # reported by check_source with the rest
+                continue
             if key in slices:
                 raise SourceError(f"tensor {key} appears in two files of {path}")
             zero = (0,) * len(st.shape)
             slices[key] = [SourceSlice(st, zero, zero, st.shape)]
             shapes[key] = st.shape
             dtypes[key] = st.dtype
-    return SourceIndex(NAME, path, spec, shapes, dtypes, slices, sizes)
+    return SourceIndex(NAME, path, spec, shapes, dtypes, slices, sizes, unlisted=unlisted)
 
 
 class Reader(RawReader):
