@@ -15,6 +15,7 @@ import sys
 from typing import List
 
 from .errors import ReshardError
+from .staging import leftovers
 
 
 def _stored_hf(path: str) -> List[dict]:
@@ -113,8 +114,6 @@ def inspect(path: str, fmt: str = "auto", vocab_size=None) -> dict:
     except ReshardError as e:
         if str(e) not in info["problems"]:  # the same broken header found by both passes: say it once
             info["problems"].append(str(e))
-    from .staging import leftovers
-
     info["beside"] = leftovers(path)  # a running or interrupted run's claim, staging, journal
     info["files"] = len({t["file"] for t in info["tensors"]})
     info["stored_bytes"] = sum(t["bytes"] for t in info["tensors"])

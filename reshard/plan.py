@@ -88,6 +88,11 @@ class Piece:
         return self.numel * self.dtype.itemsize
 
     @property
+    def written_nbytes(self) -> int:
+        """Bytes this piece puts into the target (cast, after the repeat)."""
+        return self.out_nbytes * self.repeat
+
+    @property
     def dst_size(self) -> Shape:
         lead = len(self.dst_off) - len(self.size)
         return (1,) * lead + (self.size[0] * self.repeat,) + tuple(self.size[1:])
@@ -114,7 +119,7 @@ class Plan:
             r["pieces_read"] += 1
             r["files"].add(p.stored.file)
             for w in p.writers:
-                stats[w]["write"] += p.out_nbytes * p.repeat
+                stats[w]["write"] += p.written_nbytes
                 if w != p.reader:
                     r["send"] += p.out_nbytes
                     stats[w]["recv"] += p.out_nbytes

@@ -250,8 +250,8 @@ def execute(job: Job, cfg, rank: int, world: int, stats: Stats) -> dict:
     run_id = rdist.broadcast_object(uuid.uuid4().hex[:12] if rank == 0 else None, what="starting the run")
     stage = staging_dir(job.target, run_id)
     claim = Claim(job.target, run_id, cfg.io.stale_lock_s) if rank == 0 else None
-    err, report, where, recovered = None, None, ["claiming the target"], []
-    needed = sum(p.out_nbytes * p.repeat for p in job.plan.written_by(rank))
+    err, report, where, recovered = None, None, "claiming the target", []
+    needed = sum(p.written_nbytes for p in job.plan.written_by(rank))
     try:
         err0 = None
         if rank == 0:
@@ -262,22 +262,22 @@ def execute(job: Job, cfg, rank: int, world: int, stats: Stats) -> dict:
                 _check_space(job, cfg)
                 mark_staging(stage, claim.owner)
             except Exception as e:
-                err0 = _translate(e, where[0], rank, needed, stage, job.source)
+                err0 = _translate(e, where, rank, needed, stage, job.source)
         rdist.agree(err0, "claiming the target")
         faults.point("claimed")
-        where[0] = "writing the target"
+        where = "writing the target"
         sub = iteration_dirname(job.iteration) if cfg.target.format in MEGATRON_TARGETS else ""
         out_dir = os.path.join(stage, sub)
         report = _write_staged(job, cfg, rank, world, stats, out_dir)
         if recovered:
             report["recovered"] = recovered  # what this run removed or completed of earlier runs
         if cfg.verify:
-            where[0] = "verifying the output"
+            where = "verifying the output"
             faults.point("verify")
             with stats.phase("verify"):
                 report["verify"] = verify_output(job, cfg, out_dir)
         if rank == 0:
-            where[0] = "committing"
+            where = "committing"
             with stats.phase("commit"):
                 _finish(stage, job, report, cfg.target.format)
                 if not claim.still_mine():
@@ -287,15 +287,14 @@ def execute(job: Job, cfg, rank: int, world: int, stats: Stats) -> dict:
                 commit(stage, job.target, cfg.overwrite, cfg.io.commit)
             faults.point("committed")
     except Exception as e:  # every rank must still take part in the verdict below
-        err = _translate(e, where[0], rank, needed, stage, job.source)
+        err = _translate(e, where, rank, needed, stage, job.source)
     finally:
         if rank == 0:
             with interrupts_deferred():
-                if err is not None or os.path.isdir(stage):
-                    discard(stage)
+                discard(stage)  # gone already after a commit
                 claim.release()
     if not rdist.agreed(err):  # a failure agreed on inside the data phase needs no second vote
-        rdist.agree(err, where[0])
+        rdist.agree(err, where)
     if err is not None:
         raise err
     return report
@@ -330,7 +329,7 @@ def _translated(e: BaseException, what: str, rank: int, needed: int, stage: str,
 def _check_space(job: Job, cfg) -> None:
     """Rank 0, before anything is written: the output must fit (the old target stays until the commit)."""
     parent = os.path.dirname(os.path.realpath(job.target))
-    needed = sum(t.dtype.itemsize * math.prod(t.shape) for t in job.plan.targets.values())
+    needed = sum(p.written_nbytes for p in job.plan.pieces)
     try:
         st = os.statvfs(parent)
     except OSError:
@@ -345,7 +344,8 @@ def _write_staged(job: Job, cfg, rank: int, world: int, stats: Stats, ckpt_dir: 
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
     source = PieceSource(SOURCE_FORMATS[job.index.format].Reader(job.source), stats, cfg.io.kernel_copy, device)
     mine = job.plan.written_by(rank)
-    progress = Progress(sum(p.out_nbytes * p.repeat for p in mine), "rank 0 writing", cfg.io.progress,
+    needed = sum(p.written_nbytes for p in mine)
+    progress = Progress(needed, "rank 0 writing", cfg.io.progress,
                         enabled=rank == 0)
     err = None
     if rank == 0:
@@ -370,8 +370,7 @@ def _write_staged(job: Job, cfg, rank: int, world: int, stats: Stats, ckpt_dir: 
                 try:
                     _write_files(job, cfg, rank, mine, source, ckpt_dir, wrote)
                 except Exception as e:  # no collective inside: the verdict below keeps ranks in step
-                    err = _translate(e, "writing the target files", rank,
-                                     sum(p.out_nbytes * p.repeat for p in mine), ckpt_dir, job.source)
+                    err = _translate(e, "writing the target files", rank, needed, ckpt_dir, job.source)
                 rdist.agree(err, "writing the target files")
             else:
                 torch_dist.write(ckpt_dir, rank, world, mine, job.plan.targets, source.payload, job.extra_keys,

@@ -8,7 +8,6 @@ reshard's failpoints (``reshard/faults.py``); the totals are printed at the end 
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import signal

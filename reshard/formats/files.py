@@ -8,11 +8,13 @@ serialised - so its peak is about its largest file plus what it received, never 
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
+from .. import faults
 from ..plan import Piece, TargetTensor
 from ..transforms import ROW_PERMUTATIONS
 
@@ -100,6 +102,14 @@ def torch_save(obj, f, path: str) -> None:
         if cause is None:
             raise
         raise OSError(cause.errno, cause.strerror, cause.filename or path) from e
+
+
+def sync(f, fsync: bool) -> None:
+    """Flush ``f`` and, when asked, fsync it (the ``fsync`` failpoint sits just before)."""
+    if fsync:
+        f.flush()
+        faults.point("fsync")
+        os.fsync(f.fileno())
 
 
 def name_file(e: OSError, path: str) -> OSError:

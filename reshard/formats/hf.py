@@ -21,7 +21,7 @@ from .. import faults
 from ..errors import SourceError
 from ..spec import read_hf_config
 from .base import RawReader, SourceIndex, SourceSlice, StoredTensor
-from .files import name_file
+from .files import name_file, sync
 
 NAME = "hf"
 INDEX_FILE = "model.safetensors.index.json"
@@ -61,6 +61,9 @@ def _weight_files(path: str) -> Dict[str, Optional[list]]:
     raise SourceError(f"{path} has config.json but no {SINGLE_FILE} or {INDEX_FILE}")
 
 
+_REFETCH = "; fetch or re-save this shard"
+
+
 def read_header(file_path: str) -> Dict[str, StoredTensor]:
     """Parse a safetensors header and check the file holds every byte it promises."""
     rel = os.path.basename(file_path)
@@ -98,17 +101,17 @@ def read_header(file_path: str) -> Dict[str, StoredTensor]:
         if start < 0 or stop - start != nbytes:
             raise SourceError(f"{file_path}: tensor {key} ({dtname} {list(shape)}) needs {nbytes} bytes but its "
                               f"data_offsets [{start}, {stop}] span {stop - start}: the header is corrupt (the "
-                              "safetensors library refuses this file too); fetch or re-save this shard")
+                              "safetensors library refuses this file too)" + _REFETCH)
         out[key] = StoredTensor(rel, key, shape, dtype, base + start)
         spans.append((start, stop, key))
     pos, prev = 0, None
     for start, stop, key in sorted(spans):  # the rules of safetensors' own validation
         if start < pos:
             raise SourceError(f"{file_path}: tensor {key} (bytes {start}..{stop}) overlaps tensor {prev}: the header "
-                              "is corrupt (the safetensors library refuses this file too); fetch or re-save this shard")
+                              "is corrupt (the safetensors library refuses this file too)" + _REFETCH)
         if start > pos:
             raise SourceError(f"{file_path}: {start - pos} bytes before tensor {key} belong to no tensor: the header "
-                              "is corrupt (the safetensors library refuses this file too); fetch or re-save this shard")
+                              "is corrupt (the safetensors library refuses this file too)" + _REFETCH)
         pos, prev = stop, key
     end = base + pos
     if end > size:
@@ -278,10 +281,7 @@ def _stream_file(path: str, raw: bytes, items, off: int, fsync: bool) -> int:
             f.write(memoryview(x.view(torch.uint8).numpy()) if x.numel() else b"")
             del x
             faults.point("write")
-        if fsync:
-            f.flush()
-            faults.point("fsync")
-            os.fsync(f.fileno())
+        sync(f, fsync)
     return off
 
 

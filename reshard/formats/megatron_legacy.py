@@ -30,7 +30,7 @@ from ..plan import TargetTensor
 from ..spec import ModelSpec
 from . import megatron as mg
 from .base import TRANSPOSE, RawReader, SourceIndex, SourceSlice, StoredTensor
-from .files import torch_save
+from .files import sync, torch_save
 from .torchzip import TensorRef, parse_file
 
 NAME = "megatron_legacy"
@@ -360,8 +360,5 @@ def write_file(ckpt_dir: str, file: str, tensors: Dict[str, torch.Tensor], spec:
     with open(path, "wb") as f:
         torch_save(obj, f, path)
         faults.point("write")
-        if fsync:
-            f.flush()
-            faults.point("fsync")
-            os.fsync(f.fileno())
+        sync(f, fsync)
     return sum(t.nbytes for t in tensors.values())

@@ -25,7 +25,7 @@ from ..models import table_for
 from ..plan import Placement, TargetTensor
 from ..spec import ModelSpec
 from .base import RawReader, SourceIndex, SourceSlice, StoredTensor
-from .files import torch_save
+from .files import sync, torch_save
 from .torchzip import TensorRef, parse_file
 
 NAME = "meta"
@@ -281,9 +281,6 @@ def write_file(out_dir: str, file: str, tensors: Dict[str, torch.Tensor], fsync:
     with open(path, "wb") as f:
         torch_save({k: v.contiguous() for k, v in tensors.items()}, f, path)
         faults.point("write")
-        if fsync:
-            f.flush()
-            faults.point("fsync")
-            os.fsync(f.fileno())
+        sync(f, fsync)
     return sum(t.nbytes for t in tensors.values())
 

@@ -42,7 +42,7 @@ from ..plan import Piece, Placement, TargetTensor
 from ..spec import ModelSpec
 from . import megatron as mg
 from .base import RawReader, SourceIndex, SourceSlice, StoredTensor
-from .files import torch_save
+from .files import sync, torch_save
 from .torchzip import TensorRef, parse_file, parse_record, restricted_loads
 
 NAME = "torch_dist"
@@ -514,10 +514,7 @@ class _StreamingWriter(FileSystemWriter):
                 results.append(WriteResult(index=item.index, size_in_bytes=length,
                                            storage_data=_StorageInfo(name, offset, length)))
                 del data
-            if self._fsync:
-                stream.flush()
-                faults.point("fsync")
-                os.fsync(stream.fileno())
+            sync(stream, self._fsync)
         fut: Future = Future()
         fut.set_result(results)
         return fut
@@ -618,7 +615,7 @@ def write(ckpt_dir: str, rank: int, world: int, pieces: Sequence[Piece], tgts: D
             dcp.save({}, storage_writer=_StreamingWriter(ckpt_dir, fsync, on_bytes),
                      planner=_PiecePlanner(items, resolve))
     except CheckpointException as e:  # a BaseException in torch: turn it into an ordinary error
-        raise _write_failure(e, ckpt_dir, sum(p.out_nbytes * p.repeat for p in pieces)) from None
+        raise _write_failure(e, ckpt_dir, sum(p.written_nbytes for p in pieces)) from None
     if rank == 0:
         with open(os.path.join(ckpt_dir, "metadata.json"), "w") as f:
             json.dump(METADATA_JSON, f)
@@ -631,9 +628,7 @@ def _write_failure(e: CheckpointException, ckpt_dir: str, needed: int) -> Except
     for r, x in sorted(e.failures.items()):
         causes[r] = x[0] if isinstance(x, tuple) and x and isinstance(x[0], BaseException) else x
     for r, x in causes.items():
-        if is_no_space(x) or "unexpected pos" in str(x) and _nearly_full(ckpt_dir):
-            if not is_no_space(x):
-                x = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), getattr(x, "filename", None) or ckpt_dir)
+        if is_no_space(x):
             return space_error(x, r, needed, ckpt_dir)
     for r, x in causes.items():
         if isinstance(x, ReshardError):
@@ -643,14 +638,6 @@ def _write_failure(e: CheckpointException, ckpt_dir: str, needed: int) -> Except
     text = "; ".join(f"rank {r}: {type(x).__name__}: {str(x).strip().splitlines()[0] if str(x).strip() else ''}"
                      for r, x in causes.items())
     return WriteError(f"writing {ckpt_dir} failed ({text}); nothing was committed")
-
-
-def _nearly_full(path: str) -> bool:
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return False
-    return st.f_bavail * st.f_frsize < (1 << 20)
 
 
 def load_full(ckpt_dir: str):

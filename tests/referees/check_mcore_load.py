@@ -124,9 +124,9 @@ def check_one(ckpt, hf_dir, tp, pp, ep, resave=None, etp=None, legacy=None):
 
     n = compare()
     n_expert_weights = sum(".local_experts." in k and k.endswith("weight") for k in model.state_dict())
-    print(f"OK rank {dist.get_rank()} tp {tp_rank} pp {pp_rank} ep {ep_rank}"
-          + (f" etp {etp}:{etp_rank}" if etp else "") + f": {n} tensors equal"
-          + (f" ({n_expert_weights} expert weights)" if n_expert_weights else ""), flush=True)
+    mcore.say(f"OK rank {dist.get_rank()} tp {tp_rank} pp {pp_rank} ep {ep_rank}"
+        + (f" etp {etp}:{etp_rank}" if etp else "") + f": {n} tensors equal"
+        + (f" ({n_expert_weights} expert weights)" if n_expert_weights else ""))
     if resave:
         save_like_megatron(model, common, spec, resave, tp, pp, ep, tp_rank, pp_rank, ep_rank)
     if legacy:  # this rank's legacy file, strictly loaded into the same model, compared again
@@ -134,7 +134,7 @@ def check_one(ckpt, hf_dir, tp, pp, ep, resave=None, etp=None, legacy=None):
         state = torch.load(os.path.join(legacy, d, "model_optim_rng.pt"), weights_only=False)
         assert state["args"].expert_model_parallel_size == ep and state["args"].num_experts == spec["num_experts"]
         model.load_state_dict(state["model"], strict=True)
-        print(f"OK legacy {d} rank {dist.get_rank()}: strict load_state_dict, {compare()} tensors equal", flush=True)
+        mcore.say(f"OK legacy {d} rank {dist.get_rank()}: strict load_state_dict, {compare()} tensors equal")
     dist.barrier()
 
 

@@ -8,6 +8,7 @@ Run under torchrun (or spawn) with an initialised gloo process group. Builds a t
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 
 import torch
@@ -136,3 +137,10 @@ def load_torch_dist(model, ckpt_dir: str) -> None:
 
 def rank_print(*a):
     print(f"[rank {dist.get_rank()}]", *a, flush=True)
+
+
+def say(line: str) -> None:
+    """One line to stdout in a single write: ranks share the pipe, and with PYTHONUNBUFFERED a
+    print() of text and newline is two writes that another rank's line can fall between."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()

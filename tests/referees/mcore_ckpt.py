@@ -181,7 +181,7 @@ def check(spec, ref, kind, ckpt, tp, pp, vpp, job=0):
                 raise AssertionError(f"rank {dist.get_rank()} (tp {t} pp {p} chunk {v}): {k} differs")
             n += 1
     assert n > 0
-    print(f"OK job {job} rank {dist.get_rank()} tp {t} pp {p}: {n} tensors equal", flush=True)
+    mcore.say(f"OK job {job} rank {dist.get_rank()} tp {t} pp {p}: {n} tensors equal")
 
 
 def main():
