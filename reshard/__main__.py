@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from . import config
 from .dist import detect_env
 from .errors import ReshardError
+from .signals import interrupts_deferred, stop_on_signals
 
 log = logging.getLogger("reshard")
 _failures = []
@@ -71,20 +72,26 @@ def job(cfg: DictConfig) -> None:
 
     rank = detect_env().rank
     _rank_logging(cfg, rank)
-    try:
-        config.validate(cfg)
-        convert(cfg)
-    except Exception as e:  # one line per failure; the traceback goes to the rank's log file
-        where = _traceback_to_log_files(e)
-        if isinstance(e, ReshardError):
-            log.error("%s: %s", type(e).__name__, e)
-        else:
-            log.error("InternalError on rank %d: %s: %s - nothing was committed; this is a bug in reshard, please "
-                      "report it with the traceback from %s", rank, type(e).__name__, e,
-                      where[0] if where else "the rank's log")
-        if os.environ.get("SUBMITIT_EXECUTOR"):
-            raise  # one Slurm job per sweep point: the job itself must fail so the sweep sees it
-        _failures.append(str(cfg.target.path))
+    with stop_on_signals():  # until the line is printed: torchrun's SIGTERM follows a failure at once
+        try:
+            config.validate(cfg)
+            convert(cfg)
+        except Exception as e:  # one line per failure; the traceback goes to the rank's log file
+            with interrupts_deferred():
+                _report_failure(e, rank)
+            if os.environ.get("SUBMITIT_EXECUTOR"):
+                raise  # one Slurm job per sweep point: the job itself must fail so the sweep sees it
+            _failures.append(str(cfg.target.path))
+
+
+def _report_failure(e: BaseException, rank: int) -> None:
+    where = _traceback_to_log_files(e)
+    if isinstance(e, ReshardError):
+        log.error("%s: %s", type(e).__name__, e)
+    else:
+        log.error("InternalError on rank %d: %s: %s - nothing was committed; this is a bug in reshard, please "
+                  "report it with the traceback from %s", rank, type(e).__name__, e,
+                  where[0] if where else "the rank's log")
 
 
 TOOLS = {"inspect": "reshard.inspect", "compare": "reshard.compare", "clean": "reshard.staging"}

@@ -18,7 +18,7 @@ from .errors import Interrupted
 
 log = logging.getLogger("reshard")
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-_state = {"deferred": 0, "pending": None, "raised": False}
+_state = {"deferred": 0, "pending": None, "raised": False, "depth": 0}
 
 
 def _handler(signum, frame):
@@ -35,15 +35,17 @@ def _handler(signum, frame):
 
 @contextlib.contextmanager
 def stop_on_signals():
-    """Install the handlers for the duration of one conversion (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
+    """Install the handlers for the duration of one conversion (main thread only). Nested uses
+    share the outermost one: the CLI keeps them until the failure's line is printed."""
+    if threading.current_thread() is not threading.main_thread() or _state["depth"]:
         yield
         return
     old = {s: signal.signal(s, _handler) for s in SIGNALS}
-    _state.update(deferred=0, pending=None, raised=False)
+    _state.update(deferred=0, pending=None, raised=False, depth=1)
     try:
         yield
     finally:
+        _state["depth"] = 0
         for s, h in old.items():
             signal.signal(s, h)
 
