@@ -47,11 +47,10 @@ test: setup slurm-deps
 
 bench: setup
 	$(PY) benchmarks/bench_plan.py --dry-run
-	$(PY) benchmarks/bench_hf_to_torch_dist.py
-	$(PY) benchmarks/bench_convert.py --case legacy
-	$(PY) benchmarks/bench_convert.py --case td2hf
 	$(PY) benchmarks/bench_plan.py --moe
-	$(PY) benchmarks/bench_convert.py --case moe
+	# HF -> torch_dist, legacy -> legacy, torch_dist -> HF, HF -> Meta against cp -r + sync and the
+	# single-process pattern, with ratios (add --cases moe for the MoE import)
+	$(PY) benchmarks/bench_all.py
 
 gpu-check: setup
 	bash benchmarks/gpu_check.sh

@@ -28,3 +28,12 @@ for dev in cpu cuda; do
   echo "device=$dev on $n rank(s): $(echo "$(date +%s.%N) - $start" | bc) s"
 done
 "$py" benchmarks/compare_dcp.py "$work/cpu/release" "$work/cuda/release"
+# the whole-file writers (pieces written straight from GPU memory) against their CPU results
+for fmt in hf megatron_legacy; do
+  for dev in cpu cuda; do
+    "$py" -m torch.distributed.run --standalone --nproc-per-node "$n" -m reshard \
+      source.path="$work/hf" target.path="$work/${fmt}_$dev" target.format="$fmt" device="$dev" \
+      io.assign=layout io.buffer_mb=64 target.dtype=float32 io.progress=none paths.root="$work"
+  done
+  "$py" -m reshard compare "$work/${fmt}_cpu" "$work/${fmt}_cuda"
+done

@@ -16,17 +16,21 @@ and logs to the console, the other ranks log to ``${paths.log_dir}``.
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
+import gc
+
+gc.disable()  # importing torch, hydra and DCP makes ~10^6 objects: no collection until they are in (job())
+
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig  # noqa: E402
 
-from . import config
-from .dist import detect_env
-from .errors import ReshardError
-from .signals import interrupts_deferred, stop_on_signals
+from . import config, launch  # noqa: E402
+from .dist import detect_env  # noqa: E402
+from .errors import ReshardError  # noqa: E402
+from .signals import interrupts_deferred, stop_on_signals  # noqa: E402
 
 log = logging.getLogger("reshard")
 _failures = []
@@ -70,6 +74,8 @@ def _traceback_to_log_files(e: BaseException) -> list:
 def job(cfg: DictConfig) -> None:
     from .run import convert
 
+    gc.freeze()  # what the imports made is permanent: never scanned again
+    gc.enable()
     rank = detect_env().rank
     _rank_logging(cfg, rank)
     with stop_on_signals():  # until the line is printed: torchrun's SIGTERM follows a failure at once
@@ -102,6 +108,17 @@ def main() -> int:
         import importlib
 
         return importlib.import_module(TOOLS[sys.argv[1]]).main(sys.argv[2:])
+    nproc = launch.requested(sys.argv[1:])
+    children = launch.start(nproc, sys.argv[1:])[1] if nproc and nproc > 1 else []
+    try:
+        rc = _main()
+    except BaseException:
+        launch.stop(children)
+        raise
+    return launch.wait(children, rc) if children else rc
+
+
+def _main() -> int:
     config.register()
     rank = detect_env().rank
     sys.argv += _quiet_rank_overrides(rank)
@@ -122,5 +139,20 @@ def main() -> int:
     return 0
 
 
+def cli() -> None:
+    """The console script and ``python -m reshard``: after the last line is out, exit at once -
+    the interpreter's own teardown of torch's modules takes longer than a small conversion."""
+    try:
+        rc = main()
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, int) and e.code is not None:
+            print(e.code, file=sys.stderr)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

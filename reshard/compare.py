@@ -27,7 +27,7 @@ BLOCK_BYTES = 256 << 20
 
 def _rows(index, name: str, reader, r0: int, r1: int) -> torch.Tensor:
     """Rows ``[r0, r1)`` of canonical tensor ``name``, assembled from the index's slices."""
-    from .verify import _read_slice
+    from .verify import read_slice
 
     shape = index.shapes[name]
     out = torch.empty((r1 - r0,) + tuple(shape[1:]), dtype=index.dtypes[name])
@@ -39,7 +39,7 @@ def _rows(index, name: str, reader, r0: int, r1: int) -> torch.Tensor:
                        stored_offset(sl.s_off, (a - sl.c_off[0],) + (0,) * (len(sl.size) - 1), sl.transform),
                        (b - a,) + tuple(sl.size[1:]), sl.transform)
         idx = (slice(a - r0, b - r0),) + tuple(slice(o, o + s) for o, s in zip(sl.c_off[1:], sl.size[1:]))
-        out[idx] = _read_slice(reader, sub)
+        out[idx] = read_slice(reader, sub)
     return out
 
 
@@ -83,9 +83,9 @@ def _first(mask: torch.Tensor, r0: int) -> List[int]:
 
 
 def compare(a: str, b: str, atol: float = 0.0, vocab_size: Optional[int] = None) -> dict:
-    from .run import detect_format
+    from . import formats
 
-    fa, fb = detect_format(os.path.abspath(a), "auto"), detect_format(os.path.abspath(b), "auto")
+    fa, fb = formats.detect(os.path.abspath(a)), formats.detect(os.path.abspath(b))
     ia = fa.read_index(os.path.abspath(a), None, vocab_size)
     ib = fb.read_index(os.path.abspath(b), None, vocab_size)
     na, nb = set(ia.slices), set(ib.slices)

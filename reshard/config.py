@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from .errors import ConfigError
 
-SOURCE_FORMATS = ("auto", "hf", "torch_dist", "megatron_legacy", "meta")
+SOURCE_FORMATS = ("auto", "hf", "torch_dist", "megatron_legacy", "meta")  # formats.NAMES
 TARGET_FORMATS = ("torch_dist", "megatron_legacy", "hf", "meta")
 PLANNED_TARGET_FORMATS = ()  # formats announced but not yet written (none at present)
 DTYPES = ("float32", "bfloat16", "float16")
@@ -79,8 +79,14 @@ class IOConfig:
     assign: str = "auto"
     fsync: bool = True
     # copy bytes that pass unchanged file-to-file in the kernel (copy_file_range), never through
-    # memory, and write records without zip CRC32; false: read + write every byte, with CRCs
+    # memory; false: read + write every byte
     kernel_copy: bool = True
+    # the zip CRC32 of every torch.save record (legacy, Meta, torch_dist files); torch.load never
+    # checks it, and computing it needs every byte in memory (no kernel copy, whole files assembled)
+    crc32: bool = False
+    # the largest single write() call; on some storage (VMs: fresh page cache) calls of >= 1 MiB
+    # cost several times more per byte than 256 KiB ones, parallel file systems prefer large ones
+    write_chunk_mb: float = 0.25
     progress: str = "auto"  # auto | bar | log | none
     # a claim (lock beside the target) of a run on another host whose heartbeat is older than this
     # counts as abandoned; on this host a claim is abandoned as soon as its process is gone
@@ -122,12 +128,20 @@ class ModelConfig:
 
 
 @dataclass
+class LaunchConfig:
+    # python -m reshard launch.nproc=N: start N ranks on this node from one interpreter (imports
+    # paid once, then the ranks are forked); under torchrun or srun leave it at 1
+    nproc: int = 1
+
+
+@dataclass
 class ReshardConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     source: SourceConfig = field(default_factory=SourceConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     io: IOConfig = field(default_factory=IOConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     overwrite: bool = False
     # re-read the staged output and compare checksums of every canonical tensor with the source
@@ -188,6 +202,10 @@ def validate(cfg) -> None:
         problems.append("target.meta_shards must be >= 1")
     if cfg.io.assign not in ("auto", "layout"):
         problems.append(f"io.assign={cfg.io.assign!r}: use auto or layout")
+    if cfg.launch.nproc < 1:
+        problems.append(f"launch.nproc={cfg.launch.nproc} must be >= 1")
+    if cfg.io.write_chunk_mb <= 0:
+        problems.append("io.write_chunk_mb must be > 0")
     if cfg.io.buffer_mb <= 0:
         problems.append("io.buffer_mb must be > 0")
     if cfg.io.max_piece_mb is not None and cfg.io.max_piece_mb <= 0:

@@ -28,7 +28,7 @@ class RankEnv:
     local_rank: int
     master_addr: Optional[str]
     master_port: Optional[int]
-    launcher: str  # "torchrun" | "slurm" | "single"
+    launcher: str  # "torchrun" | "launch.nproc" (reshard's own) | "slurm" | "single"
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -47,7 +47,8 @@ def detect_env(environ: Mapping[str, str] = os.environ) -> RankEnv:
     if "RANK" in environ and "WORLD_SIZE" in environ:
         return RankEnv(int(environ["RANK"]), int(environ["WORLD_SIZE"]),
                        int(environ.get("LOCAL_RANK", 0)), environ.get("MASTER_ADDR"),
-                       int(environ["MASTER_PORT"]) if environ.get("MASTER_PORT") else None, "torchrun")
+                       int(environ["MASTER_PORT"]) if environ.get("MASTER_PORT") else None,
+                       environ.get("RESHARD_LAUNCHER", "torchrun"))
     if "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
         nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "localhost"
         job = int(environ.get("SLURM_JOB_ID", "0") or 0)
@@ -64,6 +65,9 @@ def init(device: str = "cpu", timeout_s: int = 1800) -> RankEnv:
     if dist.is_initialized():
         return env
     backend = "nccl" if device == "cuda" else "gloo"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if "OMP_NUM_THREADS" not in os.environ and local > 1:  # ranks sharing a node share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     if device == "cuda":
         torch.cuda.set_device(env.local_rank)
     if env.launcher == "single":

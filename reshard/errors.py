@@ -96,3 +96,32 @@ def space_error(e: OSError, rank: int, needed: int, path: str) -> "WriteError":
 
 def is_no_space(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def translate(e: BaseException, what: str, rank: int, needed: int = 0, stage: str = "",
+              source: str = "") -> BaseException:
+    """Any failure as one :class:`ReshardError` line naming the rank, the file and the cause
+    (the traceback goes to the rank's log, see ``__main__``): a lost peer, no space (with the
+    bytes ``needed`` in ``stage``), an OSError (a source error when its file lies under
+    ``source``). A failure the ranks already agreed on stays agreed on: no rank may vote on it
+    twice (``reshard.dist.agree``)."""
+    out = _translated(e, what, rank, needed, stage, source)
+    if out is not e and getattr(e, "_reshard_agreed", False):
+        out._reshard_agreed = True
+    return out
+
+
+def _translated(e, what, rank, needed, stage, source):
+    if isinstance(e, ReshardError):
+        return e
+    if is_lost_peer(e):
+        return lost_peer(what, rank, e)
+    if is_no_space(e):
+        return space_error(e, rank, needed, stage)
+    if isinstance(e, OSError):
+        f = str(e.filename or "")
+        cls = SourceError if source and f.startswith(source) else WriteError
+        out = cls(f"rank {rank}: {e.strerror or e}{': ' + f if f else ''} ({what}); nothing was committed")
+        out.__cause__ = e
+        return out
+    return e

@@ -12,91 +12,19 @@ import argparse
 import json
 import os
 import sys
-from typing import List
 
 from .errors import ReshardError
 from .staging import leftovers
 
 
-def _stored_hf(path: str) -> List[dict]:
-    from .formats import hf
-
-    out = []
-    for f in sorted(os.listdir(path)):
-        if f.endswith(".safetensors"):
-            for key, st in hf.read_header(os.path.join(path, f)).items():
-                out.append({"name": key, "file": f, "shape": list(st.shape), "dtype": str(st.dtype)[6:],
-                            "bytes": st.nbytes})
-    return out
-
-
-def _stored_torch_files(root: str, files: List[str], select) -> List[dict]:
-    from .formats.torchzip import TensorRef, parse_file
-
-    out = []
-    for f in files:
-        obj = parse_file(os.path.join(root, f))
-
-        def walk(prefix, o):
-            if isinstance(o, TensorRef):
-                n = o.dtype.itemsize
-                for s in o.shape:
-                    n *= s
-                out.append({"name": prefix, "file": f, "shape": list(o.shape), "dtype": str(o.dtype)[6:],
-                            "bytes": n})
-            elif isinstance(o, dict):
-                for k, v in o.items():
-                    walk(f"{prefix}/{k}" if prefix else str(k), v)
-
-        walk("", select(obj) if isinstance(obj, dict) else obj)
-    return out
-
-
-def _stored_legacy(path: str) -> List[dict]:
-    from .formats import megatron as mg
-    from .formats import megatron_legacy as ml
-
-    ckpt, _ = mg.checkpoint_dir(path, None, ml._is_iter_dir)
-    files = sorted(os.path.relpath(os.path.join(r, f), path) for r, _, fs in os.walk(ckpt) for f in fs
-                   if f == ml.FILE)
-    return _stored_torch_files(path, files, lambda o: {k: v for k, v in o.items() if k.startswith("model")})
-
-
-def _stored_meta(path: str) -> List[dict]:
-    files = sorted(f for f in os.listdir(path) if f.startswith("consolidated.") and f.endswith(".pth"))
-    return _stored_torch_files(path, files, lambda o: o)
-
-
-def _stored_torch_dist(path: str) -> List[dict]:
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    from .formats import megatron as mg
-    from .formats import torch_dist as td
-
-    ckpt, _ = mg.checkpoint_dir(path, None, td._is_dcp_dir)
-    md, _ = td.read_metadata(ckpt)
-    out = []
-    for k, m in sorted(md.state_dict_metadata.items()):
-        if isinstance(m, TensorStorageMetadata):
-            n = m.properties.dtype.itemsize
-            for s in m.size:
-                n *= s
-            out.append({"name": k, "file": f"{len(m.chunks)} chunk(s)", "shape": list(m.size),
-                        "dtype": str(m.properties.dtype)[6:], "bytes": n})
-    return out
-
-
-STORED = {"hf": _stored_hf, "megatron_legacy": _stored_legacy, "meta": _stored_meta, "torch_dist": _stored_torch_dist}
-
-
 def inspect(path: str, fmt: str = "auto", vocab_size=None) -> dict:
-    from .run import detect_format
+    from . import formats
 
     path = os.path.abspath(path)
-    mod = detect_format(path, fmt)
+    mod = formats.detect(path, fmt)
     info = {"path": path, "format": mod.NAME, "problems": []}
     try:
-        info["tensors"] = STORED[mod.NAME](path)
+        info["tensors"] = mod.stored(path)
     except ReshardError as e:
         info["tensors"] = []
         info["problems"].append(str(e))

@@ -14,88 +14,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import torch
 
 from .errors import SourceError
-from .formats.base import Shape, SourceIndex, StoredTensor, stored_offset, stored_size
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Canonical rectangle ``[c_off, c_off+c_size)`` lands at ``dst_off`` of a target tensor.
-
-    ``dst_off`` may have leading dimensions the canonical tensor lacks (the stacked layer axis
-    of torch_dist); they have size 1. ``repeat`` > 1 broadcasts a one-row rectangle over
-    ``repeat`` rows (vocab padding).
-    """
-
-    canonical: str
-    c_off: Shape
-    c_size: Shape
-    dst_off: Shape
-    repeat: int = 1
-
-    @property
-    def lead(self) -> int:
-        return len(self.dst_off) - len(self.c_off)
-
-
-@dataclass
-class TargetTensor:
-    key: str
-    shape: Shape
-    dtype: torch.dtype
-    placements: List[Placement]
-    rule: str = "replicated"  # TP split rule of the mapping entry (see reshard/mapping.py)
-    file: Optional[str] = None  # file-per-tensor-set formats: the file (relative) that stores it
-    name: Optional[str] = None  # ... and its name inside that file
-    transform: Optional[Tuple[str, int]] = None  # row permutation applied to the assembled tensor
-
-
-@dataclass
-class Piece:
-    id: int
-    canonical: str
-    stored: StoredTensor
-    s_off: Shape
-    size: Shape
-    key: str
-    dst_off: Shape
-    dtype: torch.dtype  # target dtype (cast at the reader)
-    repeat: int = 1
-    reader: int = -1
-    writers: Tuple[int, ...] = ()
-    round: int = -1
-    transform: Optional[Tuple[str, int]] = None  # row permutation of the stored rows (SourceSlice.transform)
-    c_off: Shape = ()  # where the piece lies in its canonical tensor
-
-    @property
-    def s_size(self) -> Shape:
-        """The rectangle of the stored tensor (with its leading axes, if any)."""
-        return (1,) * (len(self.s_off) - len(self.size)) + stored_size(self.size, self.transform)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.size)
-
-    @property
-    def src_nbytes(self) -> int:
-        return self.numel * self.stored.dtype.itemsize
-
-    @property
-    def out_nbytes(self) -> int:
-        """Bytes that travel (cast, before the repeat)."""
-        return self.numel * self.dtype.itemsize
-
-    @property
-    def written_nbytes(self) -> int:
-        """Bytes this piece puts into the target (cast, after the repeat)."""
-        return self.out_nbytes * self.repeat
-
-    @property
-    def dst_size(self) -> Shape:
-        lead = len(self.dst_off) - len(self.size)
-        return (1,) * lead + (self.size[0] * self.repeat,) + tuple(self.size[1:])
+from .types import Piece, Placement, Shape, SourceIndex, TargetTensor, stored_offset  # noqa: F401 (re-exported)
 
 
 @dataclass

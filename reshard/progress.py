@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import sys
 import time
 from contextlib import contextmanager
-from typing import Dict
+from typing import Dict, Optional
 
 log = logging.getLogger("reshard")
+
+
+def process_start() -> float:
+    """When this rank's process started (epoch seconds): the launch of ``launch.nproc`` ranks
+    (``RESHARD_LAUNCH_T0``, set by the launcher before it forks), else the process's own start
+    time from /proc (interpreter and imports included), else now."""
+    t0 = os.environ.get("RESHARD_LAUNCH_T0")
+    if t0:
+        return float(t0)
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.time()
 
 
 def peak_rss_mb() -> float:
@@ -35,6 +53,13 @@ class Stats:
         self.counters: Dict[str, float] = dict(bytes_read=0, bytes_sent=0, bytes_received=0, bytes_written=0,
                                                   bytes_kernel_copied=0)
         self.seconds: Dict[str, float] = {}
+        self.first_byte_s: Optional[float] = None  # from the process's (or launch's) start to its first byte out
+
+    def wrote(self, n: int, kernel_copied: int = 0) -> None:
+        if self.first_byte_s is None:
+            self.first_byte_s = round(time.time() - process_start(), 3)
+        self.counters["bytes_written"] += n
+        self.counters["bytes_kernel_copied"] += kernel_copied
 
     def __getitem__(self, k):
         return self.counters[k]
@@ -52,7 +77,7 @@ class Stats:
 
     def as_dict(self) -> dict:
         return {**{k: int(v) for k, v in self.counters.items()},
-                "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
+                "seconds": {k: round(v, 4) for k, v in self.seconds.items()}, "first_byte_s": self.first_byte_s,
                 "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
-import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,28 +19,25 @@ import torch
 
 from . import dist as rdist
 from . import faults
-from .errors import (ConfigError, LayoutError, ReshardError, SourceError, TargetError, VerifyError, WriteError,
-                     is_lost_peer, is_no_space, lost_peer, space_error)
+from . import formats
+from .errors import ConfigError, ReshardError, SourceError, TargetError, VerifyError, translate
 from .exchange import run_exchange
-from .formats import files as file_formats
-from .formats import hf, megatron_legacy, meta, torch_dist
 from .formats.base import read_rect
-from .formats.megatron import iteration_dirname
-from .formats.megatron_args import common_state
+from .formats.files import FileSpan
+from .formats.target import Context
 from .layout import Layout
 from .models import table_for
-from .plan import Piece, Plan, build_plan, check_coverage
+from .plan import Plan, build_plan, check_coverage
 from .progress import Progress, Stats
-from .spec import ModelSpec, check_preset, hf_problems
-from .signals import interrupts_deferred, stop_on_signals
+from .spec import ModelSpec, check_preset
+from .signals import stop_on_signals
 from .staging import Claim, check_target, commit, discard, mark_staging, recover, staging_dir
+from .signals import interrupts_deferred
+from .types import Piece
 
 log = logging.getLogger("reshard")
 
-SOURCE_FORMATS = {"hf": hf, "torch_dist": torch_dist, "megatron_legacy": megatron_legacy, "meta": meta}
-MEGATRON_TARGETS = ("torch_dist", "megatron_legacy")
 REPORT = "reshard_report.json"
-TRACKER = "latest_checkpointed_iteration.txt"
 
 
 @dataclass
@@ -56,27 +51,13 @@ class Job:
     index: object
     plan: Plan
     common: dict
-    extra_keys: List[str]
     iteration: Optional[int]
+    writer: object  # the target format's formats.target.Target
     dtype_of: object = None
 
-
-def detect_format(path: str, fmt: str):
-    if not os.path.exists(path):
-        raise SourceError(f"source {path} does not exist; set source.path to a checkpoint directory")
-    if not os.path.isdir(path):
-        raise SourceError(f"source {path} is not a directory")
-    if not os.access(path, os.R_OK | os.X_OK):
-        raise SourceError(f"source {path} is not readable (permission denied)")
-    if fmt != "auto":
-        return SOURCE_FORMATS[fmt]
-    for mod in SOURCE_FORMATS.values():
-        if mod.detect(path):
-            return mod
-    raise SourceError(f"cannot tell the format of {path}: expected config.json with model.safetensors "
-                      "or model.safetensors.index.json (Hugging Face), or a Megatron checkpoint "
-                      "(latest_checkpointed_iteration.txt with release/ or iter_*/ holding mp_rank_* directories "
-                      "or a torch_dist .metadata); set source.format to say which")
+    def translate(self, e: BaseException, what: str, rank: int, stage: str = "") -> BaseException:
+        needed = sum(p.written_nbytes for p in self.plan.written_by(rank))
+        return translate(e, what, rank, needed, stage, self.source)
 
 
 def preset_spec(model_cfg) -> Optional[ModelSpec]:
@@ -133,8 +114,8 @@ def _few(xs, n=10):
 def resolve(cfg, world: int) -> Job:
     """Metadata only: detect, index, check, plan. Same result on every rank."""
     src, tgt = os.path.abspath(cfg.source.path), os.path.abspath(cfg.target.path)
-    fmt = detect_format(src, cfg.source.format)
-    if cfg.source.iteration is not None and fmt.NAME in ("hf", "meta"):
+    fmt = formats.detect(src, cfg.source.format)
+    if cfg.source.iteration is not None and not fmt.ITERATIONS:
         raise ConfigError(f"source.iteration={cfg.source.iteration}: {src} is a {fmt.NAME} checkpoint, which has no "
                           "iterations (source.iteration selects iter_XXXXXXX/ of a Megatron checkpoint)")
     preset = preset_spec(cfg.model)
@@ -155,50 +136,17 @@ def resolve(cfg, world: int) -> Job:
     check_target(tgt, src, cfg.overwrite)
     cast = getattr(torch, cfg.target.dtype) if cfg.target.dtype else None
     dtype_of = (lambda name: cast) if cast else (lambda name: index.dtypes[name])
-    if cfg.target.format == "megatron_legacy":
-        if spec.is_moe and layout.expert_tp != layout.tp:
-            raise LayoutError(f"target.format=megatron_legacy: parallel.target_etp={layout.expert_tp} must equal "
-                              f"target_tp={layout.tp} (Megatron names legacy files by TP and EP rank only); "
-                              "write torch_dist for a separate expert TP")
-        tgts = megatron_legacy.targets(spec, layout, table, dtype_of, cfg.target.transformer_impl,
-                                       cfg.target.moe_grouped_gemm)
-        writers_of = file_formats.writers_by_file(tgts, world)
-    elif cfg.target.format == "hf":
-        lost = hf_problems(spec)
-        if lost:
-            raise LayoutError(f"cannot write {spec.name or spec.model_type} as Hugging Face {spec.architecture} "
-                              "without losing weights or changing the model:\n  - " + "\n  - ".join(lost))
-        ref = cfg.target.hf_reference or (src if index.format == "hf" else None)
-        tgts = hf.targets(spec, table, dtype_of, cfg.target.max_shard_size, hf.reference_weight_map(ref), world)
-        writers_of = file_formats.writers_by_file(tgts, world)
-    elif cfg.target.format == "meta":
-        if spec.is_moe:
-            raise LayoutError("target.format=meta: Meta's consolidated format is written for dense Llama models "
-                              "only; mixture-of-experts models go to hf, torch_dist or megatron_legacy")
-        problems = meta.check_shards(spec, cfg.target.meta_shards)
-        if problems:
-            raise LayoutError(f"cannot write {spec.name or spec.model_type} as Meta shards:\n  - "
-                              + "\n  - ".join(problems))
-        meta.params_json(spec)  # fails early when the spec has no Meta spelling
-        tgts = meta.targets(spec, table, dtype_of, cfg.target.meta_shards)
-        writers_of = file_formats.writers_by_file(tgts, world)
-    else:
-        tgts = torch_dist.targets(spec, layout, table, dtype_of)
-        writers_of = torch_dist.layout_writers(spec, layout, world) if cfg.io.assign == "layout" else None
+    writer = formats.writer(cfg.target.format, Context(spec, layout, table, dtype_of, cfg, index, src, world))
+    writer.check()
+    tgts = writer.tensors()
     plan = build_plan(index, tgts, world, buffer_bytes=int(cfg.io.buffer_mb * 2**20),
                       max_piece_bytes=int(cfg.io.max_piece_mb * 2**20) if cfg.io.max_piece_mb else None,
-                      writers_of=writers_of,
-                      read_by_writer=cfg.io.assign == "auto" and cfg.target.format != "torch_dist")
+                      writers_of=writer.writers(tgts, world), read_by_writer=writer.read_by_writer)
     problems = check_coverage(plan, {n: index.shapes[n] for n in table.canonical_names(spec)})
     if problems:  # a planner bug, never an input problem: refuse to write anything
         raise VerifyError("the plan does not cover the conversion exactly:\n  - " + "\n  - ".join(problems[:20]))
-    main_dtype = tgts[0].dtype if tgts else torch.float32
-    ckpt_format = "torch" if cfg.target.format == "megatron_legacy" else "torch_dist"
-    common = common_state(spec, layout, main_dtype, ckpt_format, cfg.target.iteration,
-                          cfg.target.transformer_impl, {"format": index.format, "path": src},
-                          cfg.target.moe_grouped_gemm)
-    return Job(src, tgt, spec, layout, index, plan, common,
-               torch_dist.extra_state_keys(spec, table), cfg.target.iteration, dtype_of)
+    common = writer.common(tgts[0].dtype if tgts else torch.float32)
+    return Job(src, tgt, spec, layout, index, plan, common, cfg.target.iteration, writer, dtype_of)
 
 
 class PieceSource:
@@ -229,14 +177,14 @@ class PieceSource:
         return self.read(p, into=self._scratch)
 
     def payload(self, p: Piece, spans: bool = True):
-        """The piece in its target shape, or (``spans``) a :class:`torch_dist.FileSpan`."""
+        """The piece in its target shape, or (``spans``) a :class:`~reshard.formats.files.FileSpan`."""
         if p.id in self.held:
             t = self.held.pop(p.id)
         else:
             span = self.reader.span(p.stored, p.s_off, p.s_size) if spans and p.transform is None else None
             if span is not None and self.kernel_copy and p.repeat == 1 and p.dtype == p.stored.dtype:
                 self.stats["bytes_read"] += p.src_nbytes
-                return torch_dist.FileSpan(*span, p.dtype, p.dst_size, lambda: self.read(p).reshape(p.dst_size))
+                return FileSpan(*span, p.dtype, p.dst_size, lambda: self.read(p).reshape(p.dst_size))
             t = self._read_into_scratch(p)
         if p.repeat > 1:
             t = t.expand(p.repeat, *t.shape[1:])
@@ -251,7 +199,6 @@ def execute(job: Job, cfg, rank: int, world: int, stats: Stats) -> dict:
     stage = staging_dir(job.target, run_id)
     claim = Claim(job.target, run_id, cfg.io.stale_lock_s) if rank == 0 else None
     err, report, where, recovered = None, None, "claiming the target", []
-    needed = sum(p.written_nbytes for p in job.plan.written_by(rank))
     try:
         err0 = None
         if rank == 0:
@@ -262,12 +209,11 @@ def execute(job: Job, cfg, rank: int, world: int, stats: Stats) -> dict:
                 _check_space(job, cfg)
                 mark_staging(stage, claim.owner)
             except Exception as e:
-                err0 = _translate(e, where, rank, needed, stage, job.source)
+                err0 = job.translate(e, where, rank, stage)
         rdist.agree(err0, "claiming the target")
         faults.point("claimed")
         where = "writing the target"
-        sub = iteration_dirname(job.iteration) if cfg.target.format in MEGATRON_TARGETS else ""
-        out_dir = os.path.join(stage, sub)
+        out_dir = os.path.join(stage, job.writer.subdir)
         report = _write_staged(job, cfg, rank, world, stats, out_dir)
         if recovered:
             report["recovered"] = recovered  # what this run removed or completed of earlier runs
@@ -279,7 +225,9 @@ def execute(job: Job, cfg, rank: int, world: int, stats: Stats) -> dict:
         if rank == 0:
             where = "committing"
             with stats.phase("commit"):
-                _finish(stage, job, report, cfg.target.format)
+                job.writer.finish(job, stage)
+                with open(os.path.join(stage, REPORT), "w") as f:
+                    json.dump(report, f, indent=2, default=str)
                 if not claim.still_mine():
                     raise TargetError(f"the claim on {job.target} was taken over by another run while this one "
                                       f"was writing (its heartbeat stalled past io.stale_lock_s="
@@ -287,7 +235,7 @@ def execute(job: Job, cfg, rank: int, world: int, stats: Stats) -> dict:
                 commit(stage, job.target, cfg.overwrite, cfg.io.commit)
             faults.point("committed")
     except Exception as e:  # every rank must still take part in the verdict below
-        err = _translate(e, where, rank, needed, stage, job.source)
+        err = job.translate(e, where, rank, stage)
     finally:
         if rank == 0:
             with interrupts_deferred():
@@ -298,32 +246,6 @@ def execute(job: Job, cfg, rank: int, world: int, stats: Stats) -> dict:
     if err is not None:
         raise err
     return report
-
-
-def _translate(e: BaseException, what: str, rank: int, needed: int, stage: str, source: str) -> BaseException:
-    """Any failure as one :class:`ReshardError` line naming the rank, the file and the cause
-    (the traceback goes to the rank's log, see ``__main__``). A failure the ranks already agreed
-    on stays agreed on (:func:`rdist.agreed`): no rank may vote on it twice."""
-    out = _translated(e, what, rank, needed, stage, source)
-    if out is not e and rdist.agreed(e):
-        out._reshard_agreed = True
-    return out
-
-
-def _translated(e: BaseException, what: str, rank: int, needed: int, stage: str, source: str) -> BaseException:
-    if isinstance(e, ReshardError):
-        return e
-    if is_lost_peer(e):
-        return lost_peer(what, rank, e)
-    if is_no_space(e):
-        return space_error(e, rank, needed, stage)
-    if isinstance(e, OSError):
-        f = str(e.filename or "")
-        cls = SourceError if f.startswith(source) else WriteError
-        out = cls(f"rank {rank}: {e.strerror or e}{': ' + f if f else ''} ({what}); nothing was committed")
-        out.__cause__ = e
-        return out
-    return e
 
 
 def _check_space(job: Job, cfg) -> None:
@@ -342,11 +264,9 @@ def _check_space(job: Job, cfg) -> None:
 
 def _write_staged(job: Job, cfg, rank: int, world: int, stats: Stats, ckpt_dir: str) -> dict:
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
-    source = PieceSource(SOURCE_FORMATS[job.index.format].Reader(job.source), stats, cfg.io.kernel_copy, device)
+    source = PieceSource(formats.get(job.index.format).Reader(job.source), stats, cfg.io.kernel_copy, device)
     mine = job.plan.written_by(rank)
-    needed = sum(p.written_nbytes for p in mine)
-    progress = Progress(needed, "rank 0 writing", cfg.io.progress,
-                        enabled=rank == 0)
+    progress = Progress(sum(p.written_nbytes for p in mine), "rank 0 writing", cfg.io.progress, enabled=rank == 0)
     err = None
     if rank == 0:
         try:
@@ -359,29 +279,23 @@ def _write_staged(job: Job, cfg, rank: int, world: int, stats: Stats, ckpt_dir: 
         source.held = run_exchange(job.plan, rank, source.read, device, stats.counters)
 
     def wrote(n: int, kernel_copied: int) -> None:
-        stats["bytes_written"] += n
-        stats["bytes_kernel_copied"] += kernel_copied
+        stats.wrote(n, kernel_copied)
         progress.update(n)
 
     try:
         with stats.phase("write"):
-            if cfg.target.format != "torch_dist":
-                err = None
+            job.writer.write(job, ckpt_dir, rank, world, mine, source, wrote)
+            err = None
+            if rank == 0:
                 try:
-                    _write_files(job, cfg, rank, mine, source, ckpt_dir, wrote)
-                except Exception as e:  # no collective inside: the verdict below keeps ranks in step
-                    err = _translate(e, "writing the target files", rank, needed, ckpt_dir, job.source)
-                rdist.agree(err, "writing the target files")
-            else:
-                torch_dist.write(ckpt_dir, rank, world, mine, job.plan.targets, source.payload, job.extra_keys,
-                                 job.common, cfg.io.fsync, wrote, fast=cfg.io.kernel_copy)
+                    job.writer.side_files(job, ckpt_dir)
+                except Exception as e:
+                    err = job.translate(e, "writing the side files", rank, ckpt_dir)
+            rdist.agree(err, "writing the side files")
     finally:
         progress.close()
         source.reader.close()
     return _report(job, cfg, rdist.gather_objects(stats.as_dict()), world)
-
-
-OUTPUT_READERS = {"torch_dist": torch_dist, "megatron_legacy": megatron_legacy, "hf": hf, "meta": meta}
 
 
 def verify_output(job: Job, cfg, out_dir: str) -> dict:
@@ -393,17 +307,15 @@ def verify_output(job: Job, cfg, out_dir: str) -> dict:
     t0 = time.perf_counter()
     # _report's gather already ordered this after every rank's last write
     names = sorted(table_for(job.spec).canonical_names(job.spec))
-    src_fmt = SOURCE_FORMATS[job.index.format]
-    want, n_src = index_checksums(job.index, src_fmt.Reader, job.dtype_of, names)
+    want, n_src = index_checksums(job.index, formats.get(job.index.format).Reader, job.dtype_of, names)
     err, out_index = None, None
+    out_fmt = formats.get(cfg.target.format)
     try:
-        fmt = OUTPUT_READERS[cfg.target.format]
-        out_index = fmt.read_index(out_dir, None, job.spec.vocab_size)
+        out_index = out_fmt.read_index(out_dir, None, job.spec.vocab_size)
     except ReshardError as e:
         err = VerifyError(f"the staged output cannot be read back as {cfg.target.format}: {e}")
     rdist.agree(err, "re-reading the staged output")
-    got, n_out = index_checksums(out_index, OUTPUT_READERS[cfg.target.format].Reader, None,
-                                 [n for n in names if n in out_index.slices])
+    got, n_out = index_checksums(out_index, out_fmt.Reader, None, [n for n in names if n in out_index.slices])
     bad = [n for n in names if want.get(n) != got.get(n)]
     if bad:
         missing = [n for n in bad if n not in got]
@@ -415,46 +327,8 @@ def verify_output(job: Job, cfg, out_dir: str) -> dict:
     totals = rdist.gather_objects((n_src, n_out))
     return {"ok": True, "tensors": len(names), "source_bytes_reread": sum(a for a, _ in totals),
             "output_bytes_reread": sum(b for _, b in totals), "seconds": round(time.perf_counter() - t0, 3),
-            "checksum": "sum_r u_k(r) * sum_v bits16[r,v] * w(v) mod P_k, P = 2^31-1 and 1e9+7",
+            "checksum": "sum_r u_k(r) * sum_v bits16[r,v] * w(v) mod P_k, w < 2^22, P = 2^31-1 and 1e9+7",
             "coverage": "every target element written once; every source element used"}
-
-
-def _write_files(job: Job, cfg, rank: int, mine, source, ckpt_dir: str, wrote) -> None:
-    """Formats of whole files (legacy, hf, meta): each rank assembles and writes its files."""
-    table = table_for(job.spec)
-    payload = lambda p: source.payload(p, spans=False)  # noqa: E731
-    if cfg.target.format == "hf":  # streamed: one tensor in memory at a time
-        for file, items in file_formats.assemble_lazy(mine, job.plan.targets, payload):
-            wrote(hf.write_file(ckpt_dir, file, items, cfg.io.fsync), 0)
-    else:  # torch.save needs the file's dict whole
-        for file, tensors in file_formats.assemble(mine, job.plan.targets, payload):
-            if cfg.target.format == "megatron_legacy":
-                n = megatron_legacy.write_file(ckpt_dir, file, tensors, job.spec, job.layout, table, job.common,
-                                               cfg.io.fsync)
-            else:
-                n = meta.write_file(ckpt_dir, file, tensors, cfg.io.fsync)
-            wrote(n, 0)
-            del tensors
-    if rank == 0:
-        _write_side_files(job, cfg, ckpt_dir)
-
-
-def _write_side_files(job: Job, cfg, out_dir: str) -> None:
-    """Rank 0, after the tensors: what an HF or Meta directory needs besides them."""
-    tgts = job.plan.targets.values()
-    if cfg.target.format == "hf":
-        dtype = next(iter(tgts)).dtype
-        weight_map = {t.name: t.file for t in tgts}
-        total = sum(t.dtype.itemsize * math.prod(t.shape) for t in tgts)
-        source_dir = job.source if job.index.format == "hf" else None
-        hf.write_side_files(out_dir, job.spec, dtype, source_dir, cfg.target.hf_side_files, weight_map, total)
-    elif cfg.target.format == "meta":
-        with open(os.path.join(out_dir, "params.json"), "w") as f:
-            json.dump(meta.params_json(job.spec), f, indent=2)
-        for d in (cfg.target.hf_side_files, job.source if job.index.format == "meta" else None):
-            if d and os.path.isfile(os.path.join(d, "tokenizer.model")):
-                shutil.copy2(os.path.join(d, "tokenizer.model"), os.path.join(out_dir, "tokenizer.model"))
-                break
 
 
 def _report(job: Job, cfg, per_rank: List[dict], world: int) -> dict:
@@ -473,17 +347,11 @@ def _report(job: Job, cfg, per_rank: List[dict], world: int) -> dict:
         "rounds": job.plan.num_rounds,
         "buffer_bytes": job.plan.buffer_bytes,
         "ranks": per_rank,
+        # seconds from the start of the first rank's process (or of launch.nproc) to the first byte written
+        "first_byte_s": min((r["first_byte_s"] for r in per_rank if r.get("first_byte_s") is not None), default=None),
         "totals": {k: sum(r[k] for r in per_rank) for k in
                    ("bytes_read", "bytes_sent", "bytes_received", "bytes_written", "bytes_kernel_copied")},
     }
-
-
-def _finish(stage: str, job: Job, report: dict, fmt: str) -> None:
-    if fmt in MEGATRON_TARGETS:
-        with open(os.path.join(stage, TRACKER), "w") as f:
-            f.write("release" if job.iteration is None else str(job.iteration))
-    with open(os.path.join(stage, REPORT), "w") as f:
-        json.dump(report, f, indent=2, default=str)
 
 
 def convert(cfg) -> dict:
@@ -502,7 +370,7 @@ def _convert(cfg) -> dict:
         try:
             job = resolve(cfg, cfg.dry_run_world or world if cfg.dry_run else world)
         except Exception as e:  # every rank fails the same way; agree() keeps them in step
-            err = _translate(e, "planning", rank, 0, "", "")
+            err = translate(e, "planning", rank)
     rdist.agree(err, "planning")
     faults.point("plan")
     if rank == 0:

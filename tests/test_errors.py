@@ -167,13 +167,13 @@ def test_a_target_inside_the_source_is_refused(src):
 def test_a_failure_while_writing_leaves_nothing_behind(tmp_path, src, monkeypatch):
     from reshard.formats import torch_dist
 
-    real_write = torch_dist.write
+    real_write = torch_dist.Target.write
 
-    def write_then_fail(ckpt_dir, *a, **k):
-        real_write(ckpt_dir, *a, **k)  # the staging directory now holds a complete-looking checkpoint
+    def write_then_fail(self, *a, **k):
+        real_write(self, *a, **k)  # the staging directory now holds a complete-looking checkpoint
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(torch_dist, "write", write_then_fail)
+    monkeypatch.setattr(torch_dist.Target, "write", write_then_fail)
     out = str(tmp_path / "out")
     with pytest.raises(WriteError, match=r"rank 0: disk full \(simulated\) \(writing the target\); nothing was committed"):
         _convert(src, out)
@@ -186,7 +186,7 @@ def test_a_failure_while_writing_keeps_the_previous_target_when_overwriting(tmp_
     out = tmp_path / "out"
     _convert(src, str(out))
     before = sorted(os.listdir(out / "release"))
-    monkeypatch.setattr(torch_dist, "write", lambda *a, **k: (_ for _ in ()).throw(OSError("boom")))
+    monkeypatch.setattr(torch_dist.Target, "write", lambda *a, **k: (_ for _ in ()).throw(OSError("boom")))
     with pytest.raises(WriteError, match="boom"):
         _convert(src, str(out), "overwrite=true")
     assert sorted(os.listdir(out / "release")) == before

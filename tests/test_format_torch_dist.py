@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from reshard import config
-from reshard.formats import torch_dist
+from reshard.formats import files, torch_dist
 from reshard.run import convert
 from reshard.synthetic import load_preset, write_hf
 
@@ -64,14 +64,14 @@ def test_when_the_kernel_refuses_to_copy_bytes_are_read_and_written(src, tmp_pat
         raise OSError(errno.EXDEV, "cross-device")
 
     monkeypatch.setattr(os, "copy_file_range", refuse)
-    monkeypatch.setitem(torch_dist._KERNEL_COPY, "ok", True)
+    monkeypatch.setitem(files.KERNEL_COPY, "ok", True)
     r = _convert_and_check(src, str(tmp_path / "xdev"))
-    assert torch_dist._KERNEL_COPY["ok"] is False and r["totals"]["bytes_kernel_copied"] == 0
+    assert files.KERNEL_COPY["ok"] is False and r["totals"]["bytes_kernel_copied"] == 0
 
 
 def test_if_torch_save_never_hands_over_the_payload_the_record_is_rewritten_with_real_bytes(src, tmp_path,
                                                                                           monkeypatch):
-    monkeypatch.setattr(torch_dist, "_address", lambda buf: -1)  # no write ever matches the placeholder
+    monkeypatch.setattr(files, "address", lambda buf: -1)  # no write ever matches the placeholder
     r = _convert_and_check(src, str(tmp_path / "redo"))
     assert r["totals"]["bytes_kernel_copied"] == 0
 
@@ -79,8 +79,8 @@ def test_if_torch_save_never_hands_over_the_payload_the_record_is_rewritten_with
 def test_a_view_into_a_larger_buffer_is_saved_as_its_own_bytes_only():
     big = torch.arange(100, dtype=torch.float32)
     view = big[10:30].reshape(4, 5)
-    exact = torch_dist._exact_storage(view)
+    exact = files.exact_storage(view)
     assert exact.untyped_storage().nbytes() == 80 and exact.data_ptr() == view.data_ptr()
     assert torch.equal(exact, view)
     strided = big.reshape(10, 10)[:, :3]
-    assert torch.equal(torch_dist._exact_storage(strided), strided)
+    assert torch.equal(files.exact_storage(strided), strided)

@@ -1,118 +1,23 @@
-"""What every format provides, and the source index the planner works from.
+"""Reading stored bytes: the raw reader every format's reader builds on, and :func:`read_rect`
+for rectangles stored with a row permutation or transposed.
 
-A format module offers the same verbs (DESIGN.md "Format"):
-
-* ``detect(path) -> bool`` - is this directory in my format (metadata only)?
-* ``read_index(path, ...) -> SourceIndex`` - spec and where every canonical tensor lives.
-* a reader: ``read(stored, offsets, sizes) -> Tensor`` for one rectangle of a stored tensor,
-  and ``span(stored, offsets, sizes) -> (fd, offset, nbytes) | None`` when that rectangle is
-  one run of raw bytes in its file (the writer may then copy it without reading it).
-* a writer: ``targets(...)`` (the target tensors and how canonical rectangles land in
-  them), and ``write(...)`` run collectively by every rank.
+The vocabulary (:class:`~reshard.types.StoredTensor`, :class:`~reshard.types.SourceIndex`, ...)
+lives in :mod:`reshard.types`; it is re-exported here for the format modules. The verbs every
+format provides are listed in :mod:`reshard.formats`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-import math
 import mmap
 import os
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 
 from ..errors import SourceError
-
-from ..spec import ModelSpec
-
-Shape = Tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class StoredTensor:
-    """A tensor as stored in one source file."""
-
-    file: str  # path relative to the source root
-    key: str  # name inside the file
-    shape: Shape
-    dtype: torch.dtype
-    offset: int = 0  # byte offset of its data in the file (read ordering and locality)
-
-    @property
-    def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for s in self.shape:
-            n *= s
-        return n
-
-
-@dataclass(frozen=True)
-class SourceSlice:
-    """Canonical rectangle ``[c_off, c_off+size)`` is stored at ``s_off`` of ``stored``.
-
-    ``s_off`` may have leading dimensions the canonical tensor lacks (a stacked layer axis,
-    size 1 there). ``transform`` names a row permutation the stored rows carry relative to
-    the canonical ones, applied per block of ``transform[1]`` stored rows counted from row 0
-    of ``stored`` (Meta's RoPE order: ``("rope_meta_to_hf", head_dim)``).
-    """
-
-    stored: StoredTensor
-    c_off: Shape
-    s_off: Shape
-    size: Shape
-    transform: Optional[Tuple[str, int]] = None
-
-
-@dataclass
-class SourceIndex:
-    """Metadata of a source checkpoint: no tensor data."""
-
-    format: str
-    root: str
-    spec: ModelSpec
-    shapes: Dict[str, Shape]  # canonical name -> canonical shape
-    dtypes: Dict[str, torch.dtype]
-    slices: Dict[str, List[SourceSlice]]  # canonical name -> where its pieces are
-    files: Dict[str, int] = field(default_factory=dict)  # relative file -> size in bytes
-    iteration: Optional[int] = None
-    source_layout: Optional[object] = None  # the Layout a Megatron source was saved at
-    guessed: Tuple[str, ...] = ()  # spec fields the format cannot record (a preset may set them)
-    # stored tensors the format's own index does not name (file -> names): never read, always reported
-    unlisted: Dict[str, List[str]] = field(default_factory=dict)
-
-    @property
-    def total_bytes(self) -> int:
-        """Bytes of canonical data in the source (what a conversion reads)."""
-        total = 0
-        for sl in self.slices.values():
-            for s in sl:
-                n = s.stored.dtype.itemsize
-                for x in s.size:
-                    n *= x
-                total += n
-        return total
-
-
-def contiguous_start(shape: Shape, index: Shape) -> int:
-    """Element offset of ``index`` in a C-order tensor of ``shape``."""
-    start, stride = 0, 1
-    for o, n in zip(reversed(index), reversed(shape)):
-        start += o * stride
-        stride *= n
-    return start
-
-
-def contiguous_run(shape: Shape, offsets: Shape, sizes: Shape) -> Optional[Tuple[int, int]]:
-    """``(first element, numel)`` when the rectangle is one contiguous run of a C-order
-    tensor of ``shape``, else None."""
-    d = 0
-    while d < len(sizes) - 1 and sizes[d] == 1:
-        d += 1
-    for e in range(d + 1, len(sizes)):
-        if offsets[e] != 0 or sizes[e] != shape[e]:
-            return None
-    return contiguous_start(shape, offsets), math.prod(sizes)
+from ..types import (TRANSPOSE, Shape, SourceIndex, SourceSlice, StoredTensor, contiguous_run,  # noqa: F401
+                     contiguous_start, stored_offset, stored_size)
 
 
 class RawReader:
@@ -200,30 +105,16 @@ class RawReader:
         self._fds.clear()
 
 
-TRANSPOSE = ("transpose", 0)  # a 2-D slice stored transposed (Megatron's old GroupedMLP weight1/weight2)
-
-
-def stored_offset(s_off, c_delta, transform=None) -> Shape:
-    """``s_off`` moved by ``c_delta`` canonical elements (swapped for a transposed slice)."""
-    lead = len(s_off) - len(c_delta)
-    if transform == TRANSPOSE:
-        c_delta = tuple(reversed(c_delta))
-    return tuple(s_off[:lead]) + tuple(s + d for s, d in zip(s_off[lead:], c_delta))
-
-
-def stored_size(size, transform=None) -> Shape:
-    return tuple(reversed(size)) if transform == TRANSPOSE else tuple(size)
-
-
-def read_rect(reader, stored: StoredTensor, s_off, size, transform=None) -> torch.Tensor:
+def read_rect(reader, stored: StoredTensor, s_off, size, transform=None,
+              into: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Canonical rectangle ``size`` stored at ``s_off`` (which may have leading axes) of ``stored``.
     With a row ``transform``, the whole blocks the rectangle touches are read, put in canonical
-    order and sliced."""
+    order and sliced. ``into``: scratch space for a plain read (the result may alias it)."""
     from ..transforms import ROW_PERMUTATIONS
 
     lead = len(s_off) - len(size)
     if transform is None:
-        return reader.read(stored, s_off, (1,) * lead + tuple(size)).reshape(size)
+        return reader.read(stored, s_off, (1,) * lead + tuple(size), into=into).reshape(size)
     if transform == TRANSPOSE:
         ssz = stored_size(size, transform)
         return reader.read(stored, s_off, (1,) * lead + ssz).reshape(ssz).t().contiguous()

@@ -21,9 +21,10 @@ from .. import faults
 from ..errors import SourceError
 from ..spec import read_hf_config
 from .base import RawReader, SourceIndex, SourceSlice, StoredTensor
-from .files import name_file, sync
+from .target import FileTarget
 
 NAME = "hf"
+ITERATIONS = False  # no iter_XXXXXXX directories
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -159,6 +160,17 @@ class Reader(RawReader):
     """Safetensors data is C-order bytes at the offsets the header gives: the raw reader."""
 
 
+def stored(path: str) -> list:
+    """Every tensor of every ``.safetensors`` file, from the headers (``reshard inspect``)."""
+    out = []
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            for key, st in read_header(os.path.join(path, f)).items():
+                out.append({"name": key, "file": f, "shape": list(st.shape), "dtype": str(st.dtype)[6:],
+                            "bytes": st.nbytes})
+    return out
+
+
 # ------------------------------------------------------------------------- writing
 
 SIDE_FILE_SKIP = (".safetensors", ".bin", ".pth", ".pt")
@@ -217,7 +229,7 @@ def canonical_order(table, spec) -> list:
 def targets(spec, table, dtype_of, max_shard_size="auto", reference: Optional[Dict[str, str]] = None,
             world: int = 1):
     """One target tensor per canonical tensor (vocab padding never appears: it is not canonical)."""
-    from ..plan import Placement, TargetTensor
+    from ..types import Placement, TargetTensor
 
     shapes = {n: e.part_shape(spec, role) for n, (e, role, _) in table.canonical_names(spec).items()}
     order = canonical_order(table, spec)
@@ -251,13 +263,11 @@ def reference_weight_map(path: Optional[str]) -> Optional[Dict[str, str]]:
 _ST_DTYPES = {v: k for k, v in DTYPES.items()}
 
 
-def write_file(out_dir: str, file: str, items, fsync: bool) -> int:
-    """Stream one safetensors file: the header (every name, dtype, shape and offset is known
-    from the plan), then each tensor's bytes as it is assembled - one tensor in memory at a time.
-    ``items`` is ``[(target, build)]``."""
-    items = sorted(items, key=lambda it: it[0].name)
+def header_bytes(tensors) -> bytes:
+    """The 8-byte length and JSON header of a safetensors file of ``tensors`` (in that order;
+    every name, dtype, shape and offset is known from the plan before any data exists)."""
     header, off = {"__metadata__": {"format": "pt"}}, 0
-    for t, _ in items:
+    for t in tensors:
         n = t.dtype.itemsize
         for x in t.shape:
             n *= x
@@ -265,24 +275,46 @@ def write_file(out_dir: str, file: str, items, fsync: bool) -> int:
         off += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    path = os.path.join(out_dir, file)
-    try:
-        return _stream_file(path, raw, items, off, fsync)
-    except OSError as e:
-        raise name_file(e, path)
+    return struct.pack("<Q", len(raw)) + raw
 
 
-def _stream_file(path: str, raw: bytes, items, off: int, fsync: bool) -> int:
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for t, build in items:
-            x = build().contiguous()
-            assert tuple(x.shape) == tuple(t.shape) and x.dtype == t.dtype, t.name
-            f.write(memoryview(x.view(torch.uint8).numpy()) if x.numel() else b"")
-            del x
+class Target(FileTarget):
+    """Safetensors files streamed: the header, then each tensor's bytes in name order - copied
+    file to file where they pass unchanged, one tensor in memory otherwise."""
+
+    name = NAME
+
+    def check(self) -> None:
+        from ..errors import LayoutError
+        from ..spec import hf_problems
+
+        spec = self.ctx.spec
+        lost = hf_problems(spec)
+        if lost:
+            raise LayoutError(f"cannot write {spec.name or spec.model_type} as Hugging Face {spec.architecture} "
+                              "without losing weights or changing the model:\n  - " + "\n  - ".join(lost))
+
+    def tensors(self):
+        c = self.ctx
+        ref = c.cfg.target.hf_reference or (c.source if c.index.format == NAME else None)
+        return targets(c.spec, c.table, c.dtype_of, c.cfg.target.max_shard_size, reference_weight_map(ref), c.world)
+
+    def write_file(self, job, sink, file, items, emitter) -> int:
+        items = sorted(items, key=lambda it: it[0].name)
+        sink.write(header_bytes([t for t, _ in items]))
+        kernel = 0
+        for t, ps in items:
+            kernel += emitter.emit(sink, t, ps)
             faults.point("write")
-        sync(f, fsync)
-    return off
+        return kernel
+
+    def side_files(self, job, out_dir: str) -> None:
+        tgts = list(job.plan.targets.values())
+        weight_map = {t.name: t.file for t in tgts}
+        total = sum(t.dtype.itemsize * math.prod(t.shape) for t in tgts)
+        source_dir = job.source if job.index.format == NAME else None
+        write_side_files(out_dir, job.spec, tgts[0].dtype, source_dir, self.ctx.cfg.target.hf_side_files,
+                         weight_map, total)
 
 
 def hf_config(spec, dtype: torch.dtype, source_cfg: Optional[dict] = None) -> dict:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import SourceError
 from ..layout import Layout
 from ..mapping import Entry
-from ..plan import Placement
+from ..types import Placement
 from ..spec import ModelSpec
 from ..transforms import Segment
 
@@ -250,6 +251,12 @@ TRACKER = "latest_checkpointed_iteration.txt"
 
 def iteration_dirname(iteration: Optional[int]) -> str:
     return "release" if iteration is None else f"iter_{iteration:07d}"
+
+
+def write_tracker(root: str, iteration: Optional[int]) -> None:
+    """``latest_checkpointed_iteration.txt``: ``release`` or the iteration, as Megatron writes it."""
+    with open(os.path.join(root, TRACKER), "w") as f:
+        f.write("release" if iteration is None else str(iteration))
 
 
 def checkpoint_dir(root: str, iteration: Optional[int], marker) -> Tuple[str, Optional[int]]:

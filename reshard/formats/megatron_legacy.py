@@ -16,24 +16,25 @@ import os
 import re
 from argparse import Namespace
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from .. import dist as rdist
-from .. import faults
 from ..errors import SourceError
 from ..layout import Layout
 from ..mapping import MappingTable
 from ..models import table_for
-from ..plan import TargetTensor
+from ..types import TargetTensor
 from ..spec import ModelSpec
 from . import megatron as mg
 from .base import TRANSPOSE, RawReader, SourceIndex, SourceSlice, StoredTensor
-from .files import sync, torch_save
-from .torchzip import TensorRef, parse_file
+from .target import TorchSaveTarget
+from .torchzip import TensorRef, parse_file, stored_tensors
 
 NAME = "megatron_legacy"
+ITERATIONS = True
 FILE = "model_optim_rng.pt"
 _DIR_RE = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 
@@ -113,7 +114,54 @@ def _layer_names(entry, local: int) -> Tuple[str, ...]:
 
 
 def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[int] = None) -> SourceIndex:
+    """The rank files' object trees, the spec and layout from their args, then each file's tensors
+    matched against what its TP/PP/EP rank must hold."""
     ckpt, it = mg.checkpoint_dir(root, iteration, _is_iter_dir)
+    dirs, files = _rank_files(ckpt)
+    names = sorted(files)
+    # Metadata of every file, parsed by the ranks in turn (each file's pickle once in the job).
+    parsed = dict(zip(names, rdist.map_shared(lambda d: _parse_one(files[d]), names)))
+    first = parsed[names[0]]
+    spec = mg.spec_from_common(first, files[names[0]], vocab_size)
+    src_layout = mg.layout_of_common(first, spec)
+    _check_consistent(parsed, files, src_layout)
+    _check_grid(dirs, src_layout, ckpt, spec.num_experts)
+    if spec.num_experts and src_layout.expert_tp != src_layout.tp:
+        raise SourceError(f"{ckpt}: expert_tensor_parallel_size={src_layout.expert_tp} differs from "
+                          f"tensor_model_parallel_size={src_layout.tp}; legacy checkpoints with a separate expert "
+                          "TP are not read (convert from a torch_dist save of the run instead)")
+    table = table_for(spec)
+    found = _Found(defaultdict(list), {}, [])
+    for d in names:
+        tp, pp, ep = parse_dirname(dirs[d], src_layout.pp)
+        for v, mkey in enumerate(model_keys(src_layout)):
+            model = parsed[d].get(mkey)
+            if not isinstance(model, dict):
+                have = sorted(k for k in parsed[d] if k.startswith("model"))
+                found.problems.append(f"{files[d]}: no {mkey!r} entry (has {have}); args say vpp={src_layout.vpp}")
+                continue
+            ctx = _FileCtx(spec, src_layout, f"{files[d]} [{mkey}]", os.path.relpath(files[d], root), mkey, tp, ep)
+            used = set()
+            for want in _wanted(spec, src_layout, table, pp, v, ep):
+                key = _read_entry(ctx, model, want, found)
+                if key:
+                    used.add(key)
+            post = pp == src_layout.pp - 1 and v == src_layout.vp - 1
+            found.problems += _unknown(model, used, f"{files[d]} [{mkey}]", spec.tie_word_embeddings and post)
+    if found.problems:
+        p = found.problems
+        raise SourceError(f"{ckpt} is not a consistent Megatron legacy checkpoint:\n  - " + "\n  - ".join(p[:20])
+                          + (f"\n  ... (+{len(p) - 20} more)" if len(p) > 20 else ""))
+    shapes = {n: e.part_shape(spec, role) for n, (e, role, _) in table.canonical_names(spec).items()}
+    sizes = {os.path.relpath(f, root): os.path.getsize(f) for f in files.values()}
+    index = SourceIndex(NAME, root, spec, shapes, found.dtypes, dict(found.slices), sizes, it)
+    index.guessed = mg.GUESSED_FROM_ARGS if mg.spec_is_guessed(first) else ()
+    index.source_layout = src_layout
+    return index
+
+
+def _rank_files(ckpt: str) -> Tuple[Dict[str, tuple], Dict[str, str]]:
+    """``mp_rank_*`` directory -> its number groups, and -> its ``model_optim_rng.pt`` (all present)."""
     dirs = {}
     for d in sorted(os.listdir(ckpt)):
         m = _DIR_RE.match(d)
@@ -125,110 +173,112 @@ def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[
     absent = [f for f in files.values() if not os.path.isfile(f)]
     if absent:
         raise SourceError(f"{len(absent)} rank file(s) are missing: {', '.join(absent[:8])}")
-    # Metadata of every file, parsed by the ranks in turn (each file's pickle once in the job).
-    names = sorted(files)
-    parsed = dict(zip(names, rdist.map_shared(lambda d: _parse_one(files[d]), names)))
+    return dirs, files
 
-    first = parsed[names[0]]
-    spec = mg.spec_from_common(first, files[names[0]], vocab_size)
-    src_layout = mg.layout_of_common(first, spec)
-    _check_consistent(parsed, files, src_layout)
-    _check_grid(dirs, src_layout, ckpt, spec.num_experts)
-    table = table_for(spec)
-    rel = lambda d: os.path.relpath(files[d], root)  # noqa: E731
-    slices: Dict[str, List[SourceSlice]] = defaultdict(list)
-    dtypes: Dict[str, torch.dtype] = {}
-    problems: List[str] = []
-    if spec.num_experts and src_layout.expert_tp != src_layout.tp:
-        raise SourceError(f"{ckpt}: expert_tensor_parallel_size={src_layout.expert_tp} differs from "
-                          f"tensor_model_parallel_size={src_layout.tp}; legacy checkpoints with a separate expert "
-                          "TP are not read (convert from a torch_dist save of the run instead)")
-    E_local = spec.num_experts // src_layout.ep if spec.num_experts else 0
-    for d in names:
-        tp, pp, ep = parse_dirname(dirs[d], src_layout.pp)
-        obj = parsed[d]
-        for v, mkey in enumerate(model_keys(src_layout)):
-            model = obj.get(mkey)
-            if not isinstance(model, dict):
-                have = sorted(k for k in obj if k.startswith("model"))
-                problems.append(f"{files[d]}: no {mkey!r} entry (has {have}); "
-                                f"args say vpp={src_layout.vpp}")
-                continue
-            used = set()
-            pre = pp == 0 and v == 0
-            post = pp == src_layout.pp - 1 and v == src_layout.vp - 1
-            wanted = []  # (entry, layer, candidate names, local layer, local expert)
-            for e in table.top:
-                if not e.applies(spec):
-                    continue
-                if (e.mcore.startswith("embedding.") and pre) or (not e.mcore.startswith("embedding.") and post):
-                    wanted.append((e, None, (e.mcore,), None, None))
-            for e, i, j, local in _file_layers(spec, src_layout, table, pp, v, ep):
-                if e.expert is None:
-                    wanted.append((e, i, _layer_names(e, j), j, None))
-                else:
-                    wanted.append((e, i, (f"decoder.layers.{j}.{e.mcore.format(j=local)}",
-                                          f"decoder.layers.{j}.{e.grouped.format(j=local)}"), j, local))
-            for e, i, cands, j, local in wanted:
-                key = next((c for c in cands if c in model), None)
-                old_form = None
-                if key is None and local is not None:  # Megatron's removed GroupedMLP: weight1/weight2
-                    old_form = f"decoder.layers.{j}.mlp.experts.weight{1 if e.tp_rule == 'gated' else 2}"
-                    key = old_form if old_form in model else None
-                if key is None:
-                    what = f" (layer {i} expert {e.expert})" if local is not None else ""
-                    problems.append(f"{files[d]} [{mkey}]: {cands[0]} is absent{what}")
-                    continue
-                used.add(key)
-                ref = model[key]
-                if not isinstance(ref, TensorRef):
-                    problems.append(f"{files[d]} [{mkey}]: {key} is not a tensor")
-                    continue
-                exp, origin = mg.local_shape(e, spec, src_layout), None
-                if old_form:  # [h, E_local*2f] / [E_local*f, h]: experts side by side, transposed
-                    (R, C), gated = exp, e.tp_rule == "gated"
-                    exp = (C, E_local * R) if gated else (E_local * C, R)
-                    origin = (0, local * R) if gated else (local * C, 0)  # where this expert's block starts
-                if e.tp_rule == "vocab":  # padded for the source tp; the padding is never read
-                    exp = (ref.shape[0],) + exp[1:]
-                    if ref.shape[0] * src_layout.tp < spec.vocab_size:
-                        problems.append(f"{files[d]}: {key} has {ref.shape[0]} rows x tp={src_layout.tp}, fewer "
-                                        f"than vocab_size={spec.vocab_size}")
-                        continue
-                if tuple(ref.shape) != exp:
-                    problems.append(f"{files[d]} [{mkey}]: {key} has shape {tuple(ref.shape)}, the args imply {exp}")
-                    continue
-                if not ref.contiguous:
-                    problems.append(f"{files[d]}: {key} is stored non-contiguous")
-                    continue
-                if (e.tp_rule == "replicated" and tp != 0) or (local is None and ep != 0):
-                    continue  # the same values are read from TP rank 0's (EP rank 0's) file
-                st = StoredTensor(rel(d), f"{mkey}/{key}", tuple(ref.shape), ref.dtype, ref.offset)
-                rows = ref.shape[0] * src_layout.tp if e.tp_rule == "vocab" else None
-                for pl in mg.local_placements(e, spec, src_layout, tp, i, reading=True, rows=rows):
-                    if origin:  # local (r, c) is stored at origin + (c, r)
-                        r, c = pl.dst_off
-                        slices[pl.canonical].append(SourceSlice(st, pl.c_off, (origin[0] + c, origin[1] + r),
-                                                                pl.c_size, TRANSPOSE))
-                    else:
-                        slices[pl.canonical].append(SourceSlice(st, pl.c_off, pl.dst_off, pl.c_size))
-                    dtypes[pl.canonical] = ref.dtype
-            # The tied output layer's copy on the last stage, _extra_state: known, not read.
-            for key in model:
-                if key in used or key.endswith("_extra_state") or (
-                        key == "output_layer.weight" and spec.tie_word_embeddings and post):
-                    continue
-                problems.append(f"{files[d]} [{mkey}]: unknown tensor {key} (refusing to drop it silently)")
-    if problems:
-        raise SourceError(f"{ckpt} is not a consistent Megatron legacy checkpoint:\n  - "
-                          + "\n  - ".join(problems[:20]) + (f"\n  ... (+{len(problems) - 20} more)"
-                                                              if len(problems) > 20 else ""))
-    shapes = {n: e.part_shape(spec, role) for n, (e, role, _) in table.canonical_names(spec).items()}
-    sizes = {os.path.relpath(f, root): os.path.getsize(f) for f in files.values()}
-    index = SourceIndex(NAME, root, spec, shapes, dtypes, dict(slices), sizes, it)
-    index.guessed = mg.GUESSED_FROM_ARGS if mg.spec_is_guessed(first) else ()
-    index.source_layout = src_layout
-    return index
+
+@dataclass
+class _Found:
+    """What the rank files yield: canonical name -> slices and dtype, and every problem seen."""
+
+    slices: Dict[str, List[SourceSlice]]
+    dtypes: Dict[str, torch.dtype]
+    problems: List[str]
+
+
+@dataclass
+class _FileCtx:
+    spec: ModelSpec
+    layout: Layout
+    where: str  # "<file> [<model key>]", for messages
+    rel: str  # the file, relative to the checkpoint root
+    mkey: str
+    tp: int
+    ep: int
+
+
+@dataclass
+class _Want:
+    """A tensor one model dict must hold: its entry, global layer, the names it may have, and
+    (experts) its local layer and local expert index."""
+
+    entry: object
+    layer: Optional[int]
+    names: Tuple[str, ...]
+    local_layer: Optional[int] = None
+    local_expert: Optional[int] = None
+
+
+def _wanted(spec: ModelSpec, layout: Layout, table: MappingTable, pp: int, v: int, ep: int) -> List[_Want]:
+    pre = pp == 0 and v == 0
+    post = pp == layout.pp - 1 and v == layout.vp - 1
+    out = []
+    for e in table.top:
+        if e.applies(spec) and ((e.mcore.startswith("embedding.") and pre)
+                                or (not e.mcore.startswith("embedding.") and post)):
+            out.append(_Want(e, None, (e.mcore,)))
+    for e, i, j, local in _file_layers(spec, layout, table, pp, v, ep):
+        if e.expert is None:
+            out.append(_Want(e, i, _layer_names(e, j), j))
+        else:
+            out.append(_Want(e, i, (f"decoder.layers.{j}.{e.mcore.format(j=local)}",
+                                    f"decoder.layers.{j}.{e.grouped.format(j=local)}"), j, local))
+    return out
+
+
+def _read_entry(ctx: _FileCtx, model: dict, w: _Want, found: _Found) -> Optional[str]:
+    """Find ``w`` in ``model``, check its shape, add its slices; returns the key it was found under."""
+    e, spec, layout = w.entry, ctx.spec, ctx.layout
+    key = next((c for c in w.names if c in model), None)
+    old_form = None
+    if key is None and w.local_expert is not None:  # Megatron's removed GroupedMLP: weight1/weight2
+        old_form = f"decoder.layers.{w.local_layer}.mlp.experts.weight{1 if e.tp_rule == 'gated' else 2}"
+        key = old_form if old_form in model else None
+    if key is None:
+        what = f" (layer {w.layer} expert {e.expert})" if w.local_expert is not None else ""
+        found.problems.append(f"{ctx.where}: {w.names[0]} is absent{what}")
+        return None
+    ref = model[key]
+    if not isinstance(ref, TensorRef):
+        found.problems.append(f"{ctx.where}: {key} is not a tensor")
+        return key
+    exp, origin = mg.local_shape(e, spec, layout), None
+    if old_form:  # [h, E_local*2f] / [E_local*f, h]: experts side by side, transposed
+        (R, C), gated, E_local = exp, e.tp_rule == "gated", spec.num_experts // layout.ep
+        exp = (C, E_local * R) if gated else (E_local * C, R)
+        origin = (0, w.local_expert * R) if gated else (w.local_expert * C, 0)  # where this expert's block starts
+    if e.tp_rule == "vocab":  # padded for the source tp; the padding is never read
+        exp = (ref.shape[0],) + exp[1:]
+        if ref.shape[0] * layout.tp < spec.vocab_size:
+            found.problems.append(f"{ctx.where}: {key} has {ref.shape[0]} rows x tp={layout.tp}, fewer "
+                                  f"than vocab_size={spec.vocab_size}")
+            return key
+    if tuple(ref.shape) != exp:
+        found.problems.append(f"{ctx.where}: {key} has shape {tuple(ref.shape)}, the args imply {exp}")
+        return key
+    if not ref.contiguous:
+        found.problems.append(f"{ctx.where}: {key} is stored non-contiguous")
+        return key
+    if (e.tp_rule == "replicated" and ctx.tp != 0) or (w.local_expert is None and ctx.ep != 0):
+        return key  # the same values are read from TP rank 0's (EP rank 0's) file
+    st = StoredTensor(ctx.rel, f"{ctx.mkey}/{key}", tuple(ref.shape), ref.dtype, ref.offset)
+    rows = ref.shape[0] * layout.tp if e.tp_rule == "vocab" else None
+    for pl in mg.local_placements(e, spec, layout, ctx.tp, w.layer, reading=True, rows=rows):
+        if origin:  # local (r, c) is stored at origin + (c, r)
+            r, c = pl.dst_off
+            found.slices[pl.canonical].append(SourceSlice(st, pl.c_off, (origin[0] + c, origin[1] + r),
+                                                          pl.c_size, TRANSPOSE))
+        else:
+            found.slices[pl.canonical].append(SourceSlice(st, pl.c_off, pl.dst_off, pl.c_size))
+        found.dtypes[pl.canonical] = ref.dtype
+    return key
+
+
+def _unknown(model: dict, used: set, where: str, tied_copy_here: bool) -> List[str]:
+    """Tensors of ``model`` nothing claimed; the tied output layer's copy on the last stage and
+    ``_extra_state`` are known and not read."""
+    return [f"{where}: unknown tensor {key} (refusing to drop it silently)" for key in model
+            if key not in used and not key.endswith("_extra_state")
+            and not (key == "output_layer.weight" and tied_copy_here)]
 
 
 def _check_consistent(parsed: Dict[str, dict], files: Dict[str, str], layout: Layout) -> None:
@@ -269,6 +319,13 @@ def _check_grid(dirs: Dict[str, tuple], layout: Layout, ckpt: str, num_experts: 
 
 class Reader(RawReader):
     """Tensor bytes of a torch.save file are C-order storages at known offsets: the raw reader."""
+
+
+def stored(path: str) -> list:
+    """Every tensor of the ``model*`` entries of every rank file (``reshard inspect``)."""
+    ckpt, _ = mg.checkpoint_dir(path, None, _is_iter_dir)
+    files = sorted(os.path.relpath(os.path.join(r, f), path) for r, _, fs in os.walk(ckpt) for f in fs if f == FILE)
+    return stored_tensors(path, files, lambda o: {k: v for k, v in o.items() if k.startswith("model")})
 
 
 # ------------------------------------------------------------------------- writing
@@ -340,25 +397,47 @@ def extra_state_names(spec: ModelSpec, layout: Layout, table: MappingTable, pp: 
     return out
 
 
-def write_file(ckpt_dir: str, file: str, tensors: Dict[str, torch.Tensor], spec: ModelSpec, layout: Layout,
-               table: MappingTable, common: dict, fsync: bool) -> int:
-    """One ``model_optim_rng.pt``: args etc. from ``common``, then ``model``/``modelK`` dicts."""
-    m = _DIR_RE.match(file.split("/")[0])
-    pp = parse_dirname(tuple(int(x) if x else None for x in m.groups()), layout.pp)[1]
-    obj = {k: common[k] for k in ("args", "checkpoint_version", "iteration", "reshard")}
-    for v, mkey in enumerate(model_keys(layout)):
-        model = {}
-        for name, t in tensors.items():
-            if name.startswith(mkey + "/"):
-                model[name[len(mkey) + 1:]] = t
-        for name in extra_state_names(spec, layout, table, pp, v, bool(common["reshard"]["layout"].get(
-                "moe_grouped_gemm"))):
-            model[name] = None
-        obj[mkey] = model
-    path = os.path.join(ckpt_dir, file)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        torch_save(obj, f, path)
-        faults.point("write")
-        sync(f, fsync)
-    return sum(t.nbytes for t in tensors.values())
+class Target(TorchSaveTarget):
+    """One ``mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt`` per model-parallel rank of the target
+    layout: ``args`` etc. from the common state, then the ``model``/``modelK`` dicts."""
+
+    name = NAME
+    ckpt_format = "torch"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.subdir = mg.iteration_dirname(ctx.cfg.target.iteration)
+
+    def check(self) -> None:
+        from ..errors import LayoutError
+
+        spec, layout = self.ctx.spec, self.ctx.layout
+        if spec.is_moe and layout.expert_tp != layout.tp:
+            raise LayoutError(f"target.format=megatron_legacy: parallel.target_etp={layout.expert_tp} must equal "
+                              f"target_tp={layout.tp} (Megatron names legacy files by TP and EP rank only); "
+                              "write torch_dist for a separate expert TP")
+
+    def tensors(self):
+        c = self.ctx
+        return targets(c.spec, c.layout, c.table, c.dtype_of, c.cfg.target.transformer_impl,
+                       c.cfg.target.moe_grouped_gemm)
+
+    def obj(self, job, file: str, tensors: dict) -> dict:
+        layout = job.layout
+        m = _DIR_RE.match(file.split("/")[0])
+        pp = parse_dirname(tuple(int(x) if x else None for x in m.groups()), layout.pp)[1]
+        common = job.common
+        obj = {k: common[k] for k in ("args", "checkpoint_version", "iteration", "reshard")}
+        grouped = bool(common["reshard"]["layout"].get("moe_grouped_gemm"))
+        for v, mkey in enumerate(model_keys(layout)):
+            model = {}
+            for name, t in tensors.items():
+                if name.startswith(mkey + "/"):
+                    model[name[len(mkey) + 1:]] = t
+            for name in extra_state_names(job.spec, layout, self.ctx.table, pp, v, grouped):
+                model[name] = None
+            obj[mkey] = model
+        return obj
+
+    def finish(self, job, stage: str) -> None:
+        mg.write_tracker(stage, job.iteration)

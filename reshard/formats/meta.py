@@ -19,16 +19,16 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .. import dist as rdist
-from .. import faults
 from ..errors import SourceError
 from ..models import table_for
-from ..plan import Placement, TargetTensor
+from ..types import Placement, TargetTensor
 from ..spec import ModelSpec
 from .base import RawReader, SourceIndex, SourceSlice, StoredTensor
-from .files import sync, torch_save
-from .torchzip import TensorRef, parse_file
+from .target import TorchSaveTarget
+from .torchzip import TensorRef, parse_file, stored_tensors
 
 NAME = "meta"
+ITERATIONS = False  # no iter_XXXXXXX directories
 _FILE_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
 
 # canonical (HF) name -> Meta name; q/k carry the RoPE permutation
@@ -121,58 +121,90 @@ def _spec_from_params(p: dict, where: str, shapes: Dict[str, tuple]) -> ModelSpe
 
 
 def read_index(root: str, iteration=None, vocab_size=None) -> SourceIndex:
+    """The shards' object trees, the split axis of every key, the spec, then the slices."""
+    files = _shard_files(root)
+    with open(os.path.join(root, "params.json")) as f:
+        params = json.load(f)
+    refs = _shard_refs(root, files)
+    axis, full = _split_axes(refs, params)
+    spec = _spec_from_params(params, root, full)
+    if vocab_size is not None and vocab_size != spec.vocab_size:
+        raise SourceError(f"{root}: model.vocab_size={vocab_size} but the checkpoint has {spec.vocab_size}")
+    mapping = names(spec)
+    _check_keys(root, set(refs[0]), mapping)
+    slices, dtypes, shapes = {}, {}, {}
+    for hf_name, meta_name in mapping.items():
+        slices[hf_name] = _key_slices(root, files, refs, meta_name, axis[meta_name],
+                                      ("rope_meta_to_hf", spec.head_dim) if _rope_heads(hf_name, spec) else None)
+        dtypes[hf_name] = refs[0][meta_name].dtype
+        shapes[hf_name] = full[meta_name]
+    expected = {n: e.part_shape(spec, role) for n, (e, role, _) in table_for(spec).canonical_names(spec).items()}
+    bad = [f"{mapping[n]}: {shapes[n]} vs {expected[n]}" for n in expected if tuple(shapes[n]) != expected[n]]
+    if bad:
+        raise SourceError(f"{root}: shapes disagree with params.json: {bad[:5]}")
+    sizes = {f: os.path.getsize(os.path.join(root, f)) for f in files}
+    return SourceIndex(NAME, root, spec, shapes, dtypes, slices, sizes, None)
+
+
+def _shard_files(root: str) -> List[str]:
+    """``consolidated.00.pth`` ... in order; a gap in the numbering is a missing shard."""
     files = sorted((int(m.group(1)), f) for f in os.listdir(root) if (m := _FILE_RE.match(f)))
     S = len(files)
     if [n for n, _ in files] != list(range(S)):
         raise SourceError(f"{root}: consolidated.*.pth files are not numbered 00..{S - 1:02d}: "
                           f"{[f for _, f in files]} (a shard is missing?)")
-    with open(os.path.join(root, "params.json")) as f:
-        params = json.load(f)
-    parsed = rdist.map_shared(lambda f: parse_file(os.path.join(root, f)), [f for _, f in files])
+    return [f for _, f in files]
+
+
+def _shard_refs(root: str, files: List[str]) -> List[Dict[str, TensorRef]]:
+    """Each shard's tensors (parsed by the ranks in turn); every shard must hold the same keys and shapes."""
+    parsed = rdist.map_shared(lambda f: parse_file(os.path.join(root, f)), files)
     refs: List[Dict[str, TensorRef]] = []
-    for (_, fname), obj in zip(files, parsed):
+    for fname, obj in zip(files, parsed):
         if not isinstance(obj, dict):
             raise SourceError(f"{root}/{fname} is not a state dict")
         refs.append({k: v for k, v in obj.items() if isinstance(v, TensorRef)})
     keys = set(refs[0])
-    for (_, fname), r in zip(files, refs):
+    for fname, r in zip(files, refs):
         if set(r) != keys:
-            diff = sorted(set(r) ^ keys)[:5]
-            raise SourceError(f"{root}/{fname} holds other keys than {files[0][1]}: {diff}")
-    # Full shapes from the shard shapes: the axis where shards differ from a copy is the split axis.
-    axis, full = {}, {}
+            raise SourceError(f"{root}/{fname} holds other keys than {files[0]}: {sorted(set(r) ^ keys)[:5]}")
     for k in keys:
         shp = [tuple(r[k].shape) for r in refs]
         if any(s != shp[0] for s in shp):
             raise SourceError(f"{root}: {k} has different shapes across shards: {shp}")
-        full[k], axis[k] = shp[0], None
-    # Decide axes against what params.json implies for the full tensors.
+    return refs
+
+
+def _split_axes(refs: List[Dict[str, TensorRef]], params: dict):
+    """``(axis, full shape)`` of every key, decided from the shapes against what params.json implies
+    for the full tensors (``axis`` None: every shard holds a copy)."""
+    S = len(refs)
     dim, nh = int(params["dim"]), int(params["n_heads"])
     nkv = int(params.get("n_kv_heads") or nh)
     hd = dim // nh
     expect_rows = {"wq": nh * hd, "wk": nkv * hd, "wv": nkv * hd}
-    for k in keys:
-        s = full[k]
-        short = k.split(".")[-2]
-        if len(s) == 1 or S == 1:
-            continue
-        if short in expect_rows:
-            axis[k] = 0 if s[0] * S == expect_rows[short] else None
-        elif short in ("wo", "w2"):
-            axis[k] = 1 if s[0] == dim else None
-        elif short in ("w1", "w3"):
-            axis[k] = 0 if s[1] == dim else None
-        elif k == "tok_embeddings.weight":
-            axis[k] = 1 if s[1] * S == dim else 0
-        elif k == "output.weight":
-            axis[k] = 0 if s[1] == dim else 1
-        if axis[k] is not None:
-            full[k] = tuple(x * S if d == axis[k] else x for d, x in enumerate(s))
-    spec = _spec_from_params(params, root, full)
-    if vocab_size is not None and vocab_size != spec.vocab_size:
-        raise SourceError(f"{root}: model.vocab_size={vocab_size} but the checkpoint has {spec.vocab_size}")
-    table = table_for(spec)
-    mapping = names(spec)
+    axis, full = {}, {}
+    for k, ref in refs[0].items():
+        s = full[k] = tuple(ref.shape)
+        short, ax = k.split(".")[-2], None
+        if len(s) > 1 and S > 1:
+            if short in expect_rows:
+                ax = 0 if s[0] * S == expect_rows[short] else None
+            elif short in ("wo", "w2"):
+                ax = 1 if s[0] == dim else None
+            elif short in ("w1", "w3"):
+                ax = 0 if s[1] == dim else None
+            elif k == "tok_embeddings.weight":
+                ax = 1 if s[1] * S == dim else 0
+            elif k == "output.weight":
+                ax = 0 if s[1] == dim else 1
+        axis[k] = ax
+        if ax is not None:
+            full[k] = tuple(x * S if d == ax else x for d, x in enumerate(s))
+    return axis, full
+
+
+def _check_keys(root: str, keys, mapping: Dict[str, str]) -> None:
     problems = []
     unknown = sorted(k for k in keys if k not in set(mapping.values()) and k not in _DROPPED)
     if unknown:
@@ -182,37 +214,34 @@ def read_index(root: str, iteration=None, vocab_size=None) -> SourceIndex:
         problems.append(f"absent tensors: {absent[:8]}")
     if problems:
         raise SourceError(f"{root} does not match params.json:\n  - " + "\n  - ".join(problems))
-    slices, dtypes, shapes = {}, {}, {}
-    for hf_name, meta_name in mapping.items():
-        ax = axis[meta_name]
-        heads = _rope_heads(hf_name, spec)
-        transform = ("rope_meta_to_hf", spec.head_dim) if heads else None
-        sl = []
-        for s, ((_, fname), r) in enumerate(zip(files, refs)):
-            ref = r[meta_name]
-            if not ref.contiguous:
-                raise SourceError(f"{root}/{fname}: {meta_name} is stored non-contiguous")
-            st = StoredTensor(fname, meta_name, tuple(ref.shape), ref.dtype, ref.offset)
-            zero = (0,) * len(ref.shape)
-            if ax is None:
-                if s == 0:
-                    sl.append(SourceSlice(st, zero, zero, tuple(ref.shape), transform))
-                continue
-            c_off = tuple(s * ref.shape[d] if d == ax else 0 for d in range(len(ref.shape)))
-            sl.append(SourceSlice(st, c_off, zero, tuple(ref.shape), transform))
-        slices[hf_name] = sl
-        dtypes[hf_name] = refs[0][meta_name].dtype
-        shapes[hf_name] = full[meta_name]
-    expected = {n: e.part_shape(spec, role) for n, (e, role, _) in table.canonical_names(spec).items()}
-    bad = [f"{mapping[n]}: {shapes[n]} vs {expected[n]}" for n in expected if tuple(shapes[n]) != expected[n]]
-    if bad:
-        raise SourceError(f"{root}: shapes disagree with params.json: {bad[:5]}")
-    sizes = {f: os.path.getsize(os.path.join(root, f)) for _, f in files}
-    return SourceIndex(NAME, root, spec, shapes, dtypes, slices, sizes, None)
+
+
+def _key_slices(root: str, files: List[str], refs, meta_name: str, ax: Optional[int], transform) -> List[SourceSlice]:
+    """Where one key's canonical tensor lives: one slice per shard along ``ax``, or shard 0's copy."""
+    out = []
+    for s, (fname, r) in enumerate(zip(files, refs)):
+        ref = r[meta_name]
+        if not ref.contiguous:
+            raise SourceError(f"{root}/{fname}: {meta_name} is stored non-contiguous")
+        st = StoredTensor(fname, meta_name, tuple(ref.shape), ref.dtype, ref.offset)
+        zero = (0,) * len(ref.shape)
+        if ax is None:
+            if s == 0:
+                out.append(SourceSlice(st, zero, zero, tuple(ref.shape), transform))
+            continue
+        c_off = tuple(s * ref.shape[d] if d == ax else 0 for d in range(len(ref.shape)))
+        out.append(SourceSlice(st, c_off, zero, tuple(ref.shape), transform))
+    return out
 
 
 class Reader(RawReader):
     """A .pth file is a torch.save archive: tensor bytes at known offsets."""
+
+
+def stored(path: str) -> list:
+    """Every tensor of every ``consolidated.NN.pth`` (``reshard inspect``)."""
+    files = sorted(f for f in os.listdir(path) if _FILE_RE.match(f))
+    return stored_tensors(path, files, lambda o: o)
 
 
 # ------------------------------------------------------------------------- writing
@@ -276,11 +305,38 @@ def params_json(spec: ModelSpec) -> dict:
     return p
 
 
-def write_file(out_dir: str, file: str, tensors: Dict[str, torch.Tensor], fsync: bool) -> int:
-    path = os.path.join(out_dir, file)
-    with open(path, "wb") as f:
-        torch_save({k: v.contiguous() for k, v in tensors.items()}, f, path)
-        faults.point("write")
-        sync(f, fsync)
-    return sum(t.nbytes for t in tensors.values())
+class Target(TorchSaveTarget):
+    """``consolidated.NN.pth`` (flat dicts of Meta names, wq/wk rows in Meta's RoPE order) and
+    ``params.json``; ``tokenizer.model`` from the side-file folder or a Meta source."""
 
+    name = NAME
+
+    def check(self) -> None:
+        from ..errors import LayoutError
+
+        spec = self.ctx.spec
+        if spec.is_moe:
+            raise LayoutError("target.format=meta: Meta's consolidated format is written for dense Llama models "
+                              "only; mixture-of-experts models go to hf, torch_dist or megatron_legacy")
+        problems = check_shards(spec, self.ctx.cfg.target.meta_shards)
+        if problems:
+            raise LayoutError(f"cannot write {spec.name or spec.model_type} as Meta shards:\n  - "
+                              + "\n  - ".join(problems))
+        params_json(spec)  # fails early when the spec has no Meta spelling
+
+    def tensors(self):
+        c = self.ctx
+        return targets(c.spec, c.table, c.dtype_of, c.cfg.target.meta_shards)
+
+    def obj(self, job, file: str, tensors: dict) -> dict:
+        return tensors
+
+    def side_files(self, job, out_dir: str) -> None:
+        import shutil
+
+        with open(os.path.join(out_dir, "params.json"), "w") as f:
+            json.dump(params_json(job.spec), f, indent=2)
+        for d in (self.ctx.cfg.target.hf_side_files, job.source if job.index.format == NAME else None):
+            if d and os.path.isfile(os.path.join(d, "tokenizer.model")):
+                shutil.copy2(os.path.join(d, "tokenizer.model"), os.path.join(out_dir, "tokenizer.model"))
+                break

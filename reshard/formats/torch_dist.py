@@ -11,41 +11,31 @@ written: ``_extra_state`` objects (``[None]``), the common state as the DCP byte
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import io
 import json
 import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.filesystem import FileSystemWriter, _StorageInfo
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
-from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
-from torch.distributed.checkpoint.storage import WriteResult
-from torch.futures import Future
 
 from .. import dist as rdist
-from .. import faults
-from ..errors import ReshardError, SourceError, WriteError, is_lost_peer, is_no_space, lost_peer, space_error
+from ..errors import SourceError
 from ..layout import Layout
 from ..mapping import MappingTable
 from ..models import table_for
-from ..plan import Piece, Placement, TargetTensor
+from ..types import Piece, Placement, TargetTensor
 from ..spec import ModelSpec
 from . import megatron as mg
 from .base import RawReader, SourceIndex, SourceSlice, StoredTensor
-from .files import sync, torch_save
+from .dcp_metadata import BytesStorageMetadata
+from .target import Target as _Target
 from .torchzip import TensorRef, parse_file, parse_record, restricted_loads
 
 NAME = "torch_dist"
+ITERATIONS = True
 STACK_PREFIX = "decoder.layers."
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
 COMMON_KEY = "common_state/shard_0_1"
@@ -146,121 +136,157 @@ _PER_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
 def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[int] = None) -> SourceIndex:
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
+    """``.metadata`` and the common state, each key matched to its mapping entries, the chunk
+    records' headers, then the slices of every canonical tensor inside the chunks."""
     ckpt, it = mg.checkpoint_dir(root, iteration, _is_dcp_dir)
+    _check_backend(ckpt)
+    md, storage = read_metadata(ckpt)
+    common = read_common(ckpt, md, storage)
+    spec = mg.spec_from_common(common, ckpt, vocab_size)
+    table = table_for(spec)
+    keys, problems = _match_keys(md, spec, table)
+    keys, seen = _one_spelling(keys)
+    problems += _absent(spec, table, seen)
+    if problems:
+        raise SourceError(f"{ckpt} does not match its architecture ({spec.model_type}, {spec.num_layers} layers):"
+                          "\n  - " + "\n  - ".join(problems[:20]))
+    where = _chunk_records(ckpt, keys, storage)
+    slices: Dict[str, List[SourceSlice]] = defaultdict(list)
+    dtypes: Dict[str, torch.dtype] = {}
+    rel = os.path.relpath(ckpt, root)
+    for k in keys:
+        for ch in k.meta.chunks:
+            f, ref = where[(k.key, tuple(ch.offsets))]
+            if not isinstance(ref, TensorRef) or tuple(ref.shape) != tuple(ch.sizes) or not ref.contiguous:
+                raise SourceError(f"{ckpt}/{f}: the record of {k.key} at {list(ch.offsets)} is not the "
+                                  f"contiguous {tuple(ch.sizes)} tensor .metadata promises")
+            st = StoredTensor(os.path.normpath(os.path.join(rel, f)), f"{k.key}@{list(ch.offsets)}",
+                              tuple(ch.sizes), ref.dtype, ref.offset)
+            for sl in _chunk_slices(spec, k, st, tuple(ch.offsets), tuple(ch.sizes)):
+                slices[sl[0]].append(sl[1])
+                dtypes[sl[0]] = ref.dtype
+    shapes = {n: e.part_shape(spec, role) for n, (e, role, _) in table.canonical_names(spec).items()}
+    files = sorted({f for f, _ in where.values()})
+    sizes = {os.path.normpath(os.path.join(rel, f)): os.path.getsize(os.path.join(ckpt, f)) for f in files}
+    index = SourceIndex(NAME, root, spec, shapes, dtypes, dict(slices), sizes, it)
+    index.guessed = mg.GUESSED_FROM_ARGS if mg.spec_is_guessed(common) else ()
+    index.source_layout = mg.layout_of_common(common, spec) if "args" in common or "reshard" in common else None
+    return index
+
+
+def _check_backend(ckpt: str) -> None:
     mj = os.path.join(ckpt, "metadata.json")
     if os.path.isfile(mj):
         with open(mj) as f:
             backend = json.load(f).get("sharded_backend")
         if backend not in ("torch_dist", None):
             raise SourceError(f"{mj}: sharded_backend={backend!r}; only torch_dist is read")
-    md, storage = read_metadata(ckpt)
-    common = read_common(ckpt, md, storage)
-    spec = mg.spec_from_common(common, ckpt, vocab_size)
-    table = table_for(spec)
+
+
+@dataclass
+class _Key:
+    """A tensor key of ``.metadata`` and what it holds: its mapping entries (one per expert for
+    ``[L, E, ...]`` keys), its layers, whether the layer axis is stacked, its storage metadata."""
+
+    key: str
+    entries: list
+    layers: list
+    stacked: bool
+    meta: object
+
+
+def _match_keys(md, spec: ModelSpec, table: MappingTable) -> Tuple[List[_Key], List[str]]:
+    """Every key of ``.metadata`` matched to the architecture (byte objects, optimizer and RNG
+    state are known and skipped), with its global shape checked."""
     top, layer = _entry_lookup(spec, table)
-    L = spec.num_layers
-    glob = Layout(tp=1)
-    problems, plan = [], []  # plan: (key, [entries], layers, stacked, TensorStorageMetadata)
+    L, glob = spec.num_layers, Layout(tp=1)
+    problems, keys = [], []
     for key, meta in sorted(md.state_dict_metadata.items()):
         if isinstance(meta, BytesStorageMetadata):
-            if key == COMMON_KEY or "_extra_state" in key or key.startswith(OPTIONAL_PREFIXES):
-                continue
-            problems.append(f"unknown object {key}")
+            if not (key == COMMON_KEY or "_extra_state" in key or key.startswith(OPTIONAL_PREFIXES)):
+                problems.append(f"unknown object {key}")
             continue
         if key.startswith(OPTIONAL_PREFIXES):
             continue  # optimizer state and RNG: not model weights, not converted
         m = _PER_LAYER.match(key)
         if key in top:
-            es, layers, stacked = [top[key]], [None], False
+            k = _Key(key, [top[key]], [None], False, meta)
         elif key.startswith(STACK_PREFIX) and key[len(STACK_PREFIX):] in layer:
-            es, layers, stacked = layer[key[len(STACK_PREFIX):]], list(range(L)), True
+            k = _Key(key, layer[key[len(STACK_PREFIX):]], list(range(L)), True, meta)
         elif m and m.group(2) in layer:
-            es, layers, stacked = layer[m.group(2)], [int(m.group(1))], False
+            k = _Key(key, layer[m.group(2)], [int(m.group(1))], False, meta)
         else:
             problems.append(f"unknown tensor {key} (refusing to drop it silently)")
             continue
-        e = es[0]
-        shape = tuple(meta.size)
+        e, shape = k.entries[0], tuple(meta.size)
         exp = e.shape(spec, glob)
         if e.tp_rule == "vocab":
             exp = (shape[0],) + exp[1:] if shape[0] >= spec.vocab_size else exp
         if e.expert is not None:
             exp = (spec.num_experts,) + exp
-        if stacked:
+        if k.stacked:
             exp = (L,) + exp
         if shape != exp:
             problems.append(f"{key} has global shape {shape}, the architecture implies {exp}")
             continue
-        plan.append((key, es, layers, stacked, meta))
-    # A tensor written under several spellings (the MoE pre-MLP norm) is read from one of them.
+        keys.append(k)
+    return keys, problems
+
+
+def _one_spelling(keys: List[_Key]) -> Tuple[List[_Key], set]:
+    """A tensor written under several spellings (the MoE pre-MLP norm) is read from one of them;
+    also returns every ``(entry, layer)`` found."""
     seen, kept = set(), []
-    for item in plan:
-        key, es, layers = item[:3]
-        if all((id(e), i) in seen for e in es for i in layers):
+    for k in keys:
+        if all((id(e), i) in seen for e in k.entries for i in k.layers):
             continue
-        seen |= {(id(e), i) for e in es for i in layers}
-        kept.append(item)
-    plan = kept
+        seen |= {(id(e), i) for e in k.entries for i in k.layers}
+        kept.append(k)
+    return kept, seen
+
+
+def _absent(spec: ModelSpec, table: MappingTable, seen: set) -> List[str]:
     missing = [(e, i) for e, i in table.entries(spec) if (id(e), i) not in seen]
-    for e, i in missing:
-        if e.expert is None:
-            problems.append(f"{STACK_PREFIX + e.dist_key if i is not None else e.mcore}"
-                            f"{'' if i is None else f' (layer {i})'} is absent")
+    out = [f"{STACK_PREFIX + e.dist_key if i is not None else e.mcore}{'' if i is None else f' (layer {i})'} is absent"
+           for e, i in missing if e.expert is None]
     if any(e.expert is not None for e, _ in missing):
         keys = sorted({STACK_PREFIX + e.dist_key for e, _ in missing if e.expert is not None})
         experts = sorted({(i, e.expert) for e, i in missing if e.expert is not None})
-        problems.append(f"{', '.join(keys)} absent: missing experts "
-                        + ", ".join(f"layer {i} expert {x}" for i, x in experts[:20]))
-    if problems:
-        raise SourceError(f"{ckpt} does not match its architecture ({spec.model_type}, {L} layers):\n  - "
-                          + "\n  - ".join(problems[:20]))
-    # Every chunk's record, parsed (headers only) by the ranks in turn, file by file.
+        out.append(f"{', '.join(keys)} absent: missing experts "
+                   + ", ".join(f"layer {i} expert {x}" for i, x in experts[:20]))
+    return out
+
+
+def _chunk_records(ckpt: str, keys: List[_Key], storage) -> Dict[tuple, tuple]:
+    """``(key, chunk offsets) -> (file, TensorRef)``: every chunk's record header, parsed by the
+    ranks in turn, file by file."""
     wanted: Dict[str, List[tuple]] = {}
-    for key, es, layers, stacked, meta in plan:
-        for ch in meta.chunks:
-            info = storage.get((key, tuple(ch.offsets)))
+    for k in keys:
+        for ch in k.meta.chunks:
+            info = storage.get((k.key, tuple(ch.offsets)))
             if info is None:
-                raise SourceError(f"{ckpt}/.metadata: chunk {list(ch.offsets)} of {key} has no storage entry")
-            wanted.setdefault(info.relative_path, []).append((key, tuple(ch.offsets), info.offset, info.length))
+                raise SourceError(f"{ckpt}/.metadata: chunk {list(ch.offsets)} of {k.key} has no storage entry")
+            wanted.setdefault(info.relative_path, []).append((k.key, tuple(ch.offsets), info.offset, info.length))
     files = sorted(wanted)
     refs = dict(zip(files, rdist.map_shared(lambda f: _parse_file_chunks(ckpt, f, wanted[f]), files)))
-    where = {}
-    for f in files:
-        for (key, offsets, _, _), ref in zip(wanted[f], refs[f]):
-            where[(key, offsets)] = (f, ref)
-    slices: Dict[str, List[SourceSlice]] = defaultdict(list)
-    dtypes: Dict[str, torch.dtype] = {}
-    rel = os.path.relpath(ckpt, root)
-    for key, es, layers, stacked, meta in plan:
-        axes = (1 if stacked else 0) + (1 if es[0].expert is not None else 0)  # leading layer/expert axes
-        rows = meta.size[axes]
-        for ch in meta.chunks:
-            f, ref = where[(key, tuple(ch.offsets))]
-            if not isinstance(ref, TensorRef) or tuple(ref.shape) != tuple(ch.sizes) or not ref.contiguous:
-                raise SourceError(f"{ckpt}/{f}: the record of {key} at {list(ch.offsets)} is not the "
-                                  f"contiguous {tuple(ch.sizes)} tensor .metadata promises")
-            st = StoredTensor(os.path.normpath(os.path.join(rel, f)), f"{key}@{list(ch.offsets)}",
-                              tuple(ch.sizes), ref.dtype, ref.offset)
-            c_lo, c_sz = tuple(ch.offsets), tuple(ch.sizes)
-            ls = layers if not stacked else range(c_lo[0], c_lo[0] + c_sz[0])
-            xs = [None] if es[0].expert is None else range(c_lo[axes - 1], c_lo[axes - 1] + c_sz[axes - 1])
-            for i in ls:
-                for x in xs:
-                    e = es[0] if x is None else es[x]
-                    lead = ((i,) if stacked else ()) + (() if x is None else (x,))
-                    for pl in mg.local_placements(e, spec, glob, 0, i, lead=lead, reading=True, rows=rows):
-                        sl = _slice_in_chunk(st, pl, len(lead), c_lo, c_sz)
-                        if sl is not None:
-                            slices[pl.canonical].append(sl)
-                            dtypes[pl.canonical] = ref.dtype
-    shapes = {n: e.part_shape(spec, role) for n, (e, role, _) in table.canonical_names(spec).items()}
-    sizes = {os.path.normpath(os.path.join(rel, f)): os.path.getsize(os.path.join(ckpt, f)) for f in files}
-    index = SourceIndex(NAME, root, spec, shapes, dtypes, dict(slices), sizes, it)
-    index.guessed = mg.GUESSED_FROM_ARGS if mg.spec_is_guessed(common) else ()
-    index.source_layout = mg.layout_of_common(common, spec) if "args" in common or "reshard" in common else None
-    return index
+    return {(key, offsets): (f, ref) for f in files for (key, offsets, _, _), ref in zip(wanted[f], refs[f])}
+
+
+def _chunk_slices(spec: ModelSpec, k: _Key, st: StoredTensor, c_lo, c_sz):
+    """``(canonical name, SourceSlice)`` of every canonical rectangle inside one chunk of ``k``."""
+    glob = Layout(tp=1)
+    axes = (1 if k.stacked else 0) + (1 if k.entries[0].expert is not None else 0)  # leading layer/expert axes
+    rows = k.meta.size[axes]
+    ls = k.layers if not k.stacked else range(c_lo[0], c_lo[0] + c_sz[0])
+    xs = [None] if k.entries[0].expert is None else range(c_lo[axes - 1], c_lo[axes - 1] + c_sz[axes - 1])
+    for i in ls:
+        for x in xs:
+            e = k.entries[0] if x is None else k.entries[x]
+            lead = ((i,) if k.stacked else ()) + (() if x is None else (x,))
+            for pl in mg.local_placements(e, spec, glob, 0, i, lead=lead, reading=True, rows=rows):
+                sl = _slice_in_chunk(st, pl, len(lead), c_lo, c_sz)
+                if sl is not None:
+                    yield pl.canonical, sl
 
 
 def _slice_in_chunk(st: StoredTensor, pl: Placement, n: int, c_lo, c_sz) -> Optional[SourceSlice]:
@@ -277,6 +303,23 @@ def _slice_in_chunk(st: StoredTensor, pl: Placement, n: int, c_lo, c_sz) -> Opti
 
 class Reader(RawReader):
     """A DCP chunk is a torch.save record whose storage bytes sit at a known file offset."""
+
+
+def stored(path: str) -> list:
+    """Every tensor key of ``.metadata`` with its global shape and chunk count (``reshard inspect``)."""
+    from .dcp_metadata import TensorStorageMetadata
+
+    ckpt, _ = mg.checkpoint_dir(path, None, _is_dcp_dir)
+    md, _ = read_metadata(ckpt)
+    out = []
+    for k, m in sorted(md.state_dict_metadata.items()):
+        if isinstance(m, TensorStorageMetadata):
+            n = m.properties.dtype.itemsize
+            for s in m.size:
+                n *= s
+            out.append({"name": k, "file": f"{len(m.chunks)} chunk(s)", "shape": list(m.size),
+                        "dtype": str(m.properties.dtype)[6:], "bytes": n})
+    return out
 
 
 # ------------------------------------------------------------------------- target tensors
@@ -384,265 +427,48 @@ def layout_writers(spec: ModelSpec, layout: Layout, world: int):
 
 # ------------------------------------------------------------------------- writing
 
-def _write_item(p: Piece, t: TargetTensor) -> WriteItem:
-    return WriteItem(
-        index=MetadataIndex(p.key, torch.Size(p.dst_off)),
-        type=WriteItemType.SHARD,
-        tensor_data=TensorWriteData(
-            chunk=ChunkStorageMetadata(offsets=torch.Size(p.dst_off), sizes=torch.Size(p.dst_size)),
-            properties=TensorProperties(dtype=t.dtype),
-            size=torch.Size(t.shape),
-        ),
-    )
+class Target(_Target):
+    """A DCP checkpoint: each piece one chunk, written by the rank that holds it
+    (:mod:`reshard.formats.dcp_writer`), the ``_extra_state`` objects shared out over the ranks,
+    the common state by rank 0; ``metadata.json`` beside it."""
 
+    name = NAME
 
-class _PiecePlanner(DefaultSavePlanner):
-    """A save planner whose local plan is this rank's pieces (rectangles) and byte objects;
-    tensors are resolved lazily, one at a time, while the file is written."""
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.subdir = mg.iteration_dirname(ctx.cfg.target.iteration)
 
-    def __init__(self, items: List[WriteItem], resolve: Callable[[WriteItem], object]):
-        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-        self._items, self._resolve = items, resolve
+    def tensors(self):
+        c = self.ctx
+        return targets(c.spec, c.layout, c.table, c.dtype_of)
 
-    def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=False):
-        self.state_dict, self.is_coordinator = {}, is_coordinator
+    def writers(self, tensors, world):
+        return layout_writers(self.ctx.spec, self.ctx.layout, world) if self.io.assign == "layout" else None
 
-    def create_local_plan(self) -> SavePlan:
-        self.plan = SavePlan(self._items)
-        return self.plan
+    def write(self, job, out_dir, rank, world, pieces, source, wrote) -> None:
+        from .dcp_writer import save
 
-    def resolve_data(self, write_item: WriteItem):
-        return self._resolve(write_item)
+        objects: Dict[str, object] = {}
+        for j, key in enumerate(extra_state_keys(job.spec, self.ctx.table)):
+            if j % world == rank:
+                objects[key] = [None]
+        if rank == 0:
+            objects[COMMON_KEY] = [job.common]
+        save(out_dir, rank, world, pieces, job.plan.targets, lambda p: source.payload(p, self.io.kernel_copy),
+             objects, self.io.fsync, wrote, self.chunk, self.io.crc32)
 
-
-@dataclass
-class FileSpan:
-    """A target piece whose bytes are exactly ``nbytes`` bytes of an open source file: the
-    writer copies them file-to-file in the kernel (``copy_file_range``) instead of reading
-    them into memory and writing them back. ``load`` reads them for real (the fallback)."""
-
-    fd: int
-    offset: int
-    nbytes: int
-    dtype: torch.dtype
-    shape: Tuple[int, ...]
-    load: Callable[[], torch.Tensor]
-
-
-_KERNEL_COPY = {"ok": hasattr(os, "copy_file_range")}
-_NO_KERNEL_COPY = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM)
-
-
-def _address(buf) -> int:
-    return np.frombuffer(buf, dtype=np.uint8).ctypes.data if len(buf) else 0
-
-
-class _SpanStream:
-    """The file object torch.save writes a placeholder tensor to: when the placeholder's
-    payload comes by (same address, same size), its bytes are copied from the source file
-    instead; everything else (zip headers, pickle) goes to the file as usual."""
-
-    def __init__(self, f, span: FileSpan, payload_ptr: int):
-        self.f, self.span, self.ptr, self.used = f, span, payload_ptr, False
-        self.kernel_bytes = 0
-
-    def write(self, b) -> int:
-        m = memoryview(b).cast("B")
-        if not self.used and m.nbytes == self.span.nbytes and _address(m) == self.ptr:
-            self.used = True
-            self._copy()
-            return m.nbytes
-        return self.f.write(m)
-
-    def _copy(self) -> None:
-        sp, f = self.span, self.f
-        f.flush()
-        pos, done = f.tell(), 0
-        while done < sp.nbytes and _KERNEL_COPY["ok"]:
-            try:
-                n = os.copy_file_range(sp.fd, f.fileno(), sp.nbytes - done, sp.offset + done, pos + done)
-            except OSError as e:
-                if e.errno not in _NO_KERNEL_COPY:
-                    raise
-                _KERNEL_COPY["ok"] = False  # e.g. across file systems: use plain reads from now on
-                break
-            if n == 0:
-                raise OSError(errno.EIO, "source file ended during copy (truncated while running?)")
-            done += n
-        self.kernel_bytes = done
-        f.seek(pos + done)
-        while done < sp.nbytes:
-            chunk = os.pread(sp.fd, min(64 << 20, sp.nbytes - done), sp.offset + done)
-            if not chunk:
-                raise OSError(errno.EIO, "source file ended during copy (truncated while running?)")
-            f.write(chunk)
-            done += len(chunk)
-
-    def flush(self):
-        self.f.flush()
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-
-class _StreamingWriter(FileSystemWriter):
-    """FileSystemWriter that streams items to one file per rank and drops each tensor as soon
-    as it is written (the stock writer keeps every tensor of a file alive until the end)."""
-
-    def __init__(self, path: str, fsync: bool, on_bytes: Callable[[int, int], None]):
-        super().__init__(path, single_file_per_rank=True, sync_files=fsync, thread_count=1, overwrite=True)
-        self._fsync, self._on_bytes = fsync, on_bytes
-        self._scratch = None  # address space for placeholders; never written, so never resident
-
-    def write_data(self, plan: SavePlan, planner) -> Future:
-        name = f"{plan.storage_data.prefix}0.distcp"
-        results = []
-        with open(os.path.join(str(self.path), name), "wb") as stream:
-            for item in plan.items:
-                data = planner.resolve_data(item)
-                offset = stream.tell()
-                if item.type == WriteItemType.BYTE_IO:
-                    stream.write(data.getbuffer())
-                elif isinstance(data, FileSpan):
-                    self._on_bytes(data.nbytes, self._save_span(stream, data))
-                else:
-                    data = _exact_storage(data.detach().cpu())
-                    torch_save(data, stream, stream.name)
-                    self._on_bytes(data.nbytes, 0)
-                length = stream.tell() - offset
-                faults.point("write")
-                results.append(WriteResult(index=item.index, size_in_bytes=length,
-                                           storage_data=_StorageInfo(name, offset, length)))
-                del data
-            sync(stream, self._fsync)
-        fut: Future = Future()
-        fut.set_result(results)
-        return fut
-
-    def _save_span(self, stream, span: FileSpan) -> int:
-        """torch.save a placeholder (never touched memory) whose payload the stream copies from
-        the source file; if torch.save did not write the payload in one piece, redo it with the
-        real bytes, so the record is right either way. Returns the bytes the kernel copied."""
-        crc = _crc_config()
-        if crc is None or crc.save.compute_crc32:
-            torch_save(_exact_storage(span.load()), stream, stream.name)  # a CRC needs the real bytes in memory
-            return 0
-        if self._scratch is None or self._scratch.numel() < span.nbytes:
-            self._scratch = torch.empty(span.nbytes, dtype=torch.uint8)
-        sub = self._scratch.untyped_storage()[0:span.nbytes]
-        placeholder = torch.empty(0, dtype=span.dtype).set_(sub, 0, span.shape)
-        start = stream.tell()
-        s = _SpanStream(stream, span, placeholder.data_ptr())
-        torch_save(placeholder, s, stream.name)
-        if not s.used:
-            stream.seek(start)
-            stream.truncate()
-            torch_save(_exact_storage(span.load()), stream, stream.name)
-            return 0
-        return s.kernel_bytes
-
-
-def _exact_storage(t: torch.Tensor) -> torch.Tensor:
-    """``t`` on a storage of exactly its own bytes: torch.save writes a tensor's whole storage,
-    and pieces are often views into a larger read or receive buffer. No copy when contiguous."""
-    if not t.is_contiguous():
-        return t.contiguous()
-    if t.untyped_storage().nbytes() == t.nbytes:
-        return t
-    start = t.storage_offset() * t.element_size()
-    sub = t.untyped_storage()[start:start + t.nbytes]
-    return torch.empty(0, dtype=t.dtype).set_(sub, 0, t.shape)
-
-
-def _crc_config():
-    """torch's serialization config when it can switch CRC32 off (torch >= 2.5), else None."""
-    try:
-        from torch.utils.serialization import config as cfg
-    except ImportError:
-        return None
-    return cfg if hasattr(cfg.save, "compute_crc32") else None
-
-
-@contextlib.contextmanager
-def _no_crc32(enabled: bool = True):
-    """Skip the zip CRC32 of every record torch.save writes (torch's own option; it halves the
-    time of big records and lets payloads be copied without reading them). Checked here: DCP and
-    Megatron-core read such files."""
-    cfg = _crc_config()
-    if cfg is None or not enabled:
-        yield
-        return
-    old = cfg.save.compute_crc32
-    cfg.save.compute_crc32 = False
-    try:
-        yield
-    finally:
-        cfg.save.compute_crc32 = old
-
-
-def _bytes(obj) -> io.BytesIO:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return buf
-
-
-def write(ckpt_dir: str, rank: int, world: int, pieces: Sequence[Piece], tgts: Dict[str, TargetTensor],
-          tensor_of: Callable[[Piece], torch.Tensor], extra_keys: Sequence[str], common: dict,
-          fsync: bool = True, on_bytes: Callable[[int, int], None] = lambda n, k: None, fast: bool = True) -> None:
-    """Collective: every rank writes its pieces; rank 0 adds the common state."""
-    items: List[WriteItem] = []
-    objects: Dict[str, object] = {}
-    by_index = {}
-    for p in pieces:
-        it = _write_item(p, tgts[p.key])
-        items.append(it)
-        by_index[(p.key, tuple(p.dst_off))] = p
-    for j, key in enumerate(extra_keys):
-        if j % world == rank:
-            objects[key] = [None]
-    if rank == 0:
-        objects[COMMON_KEY] = [common]
-    items += [WriteItem(index=MetadataIndex(k), type=WriteItemType.BYTE_IO) for k in objects]
-
-    def resolve(item: WriteItem):
-        if item.type == WriteItemType.BYTE_IO:
-            return _bytes(objects[item.index.fqn])
-        return tensor_of(by_index[(item.index.fqn, tuple(item.index.offset))])
-
-    try:
-        with _no_crc32(fast):
-            dcp.save({}, storage_writer=_StreamingWriter(ckpt_dir, fsync, on_bytes),
-                     planner=_PiecePlanner(items, resolve))
-    except CheckpointException as e:  # a BaseException in torch: turn it into an ordinary error
-        raise _write_failure(e, ckpt_dir, sum(p.written_nbytes for p in pieces)) from None
-    if rank == 0:
-        with open(os.path.join(ckpt_dir, "metadata.json"), "w") as f:
+    def side_files(self, job, out_dir: str) -> None:
+        with open(os.path.join(out_dir, "metadata.json"), "w") as f:
             json.dump(METADATA_JSON, f)
 
-
-def _write_failure(e: CheckpointException, ckpt_dir: str, needed: int) -> Exception:
-    """DCP's collected failures (each an exception, or an (exception, stack) pair) as one line:
-    no space, a lost peer, or each rank's cause - never the stack frames."""
-    causes = {}
-    for r, x in sorted(e.failures.items()):
-        causes[r] = x[0] if isinstance(x, tuple) and x and isinstance(x[0], BaseException) else x
-    for r, x in causes.items():
-        if is_no_space(x):
-            return space_error(x, r, needed, ckpt_dir)
-    for r, x in causes.items():
-        if isinstance(x, ReshardError):
-            return x
-        if isinstance(x, BaseException) and is_lost_peer(x):
-            return lost_peer("writing the torch_dist files", r, x)
-    text = "; ".join(f"rank {r}: {type(x).__name__}: {str(x).strip().splitlines()[0] if str(x).strip() else ''}"
-                     for r, x in causes.items())
-    return WriteError(f"writing {ckpt_dir} failed ({text}); nothing was committed")
+    def finish(self, job, stage: str) -> None:
+        mg.write_tracker(stage, job.iteration)
 
 
 def load_full(ckpt_dir: str):
     """``(tensors, objects)`` of a DCP checkpoint as full tensors, with plain
     torch.distributed.checkpoint in this process (for checks and small checkpoints)."""
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
     reader = dcp.FileSystemReader(ckpt_dir)

@@ -182,10 +182,10 @@ class RestrictedUnpickler(pickle.Unpickler):
                 return obj
             if name in _STORAGE_DTYPES:
                 return ("storage_type", _STORAGE_DTYPES[name])
-        if module in _DCP_MODULES and name in _DCP_NAMES:
-            import importlib
+        if module in _DCP_MODULES and name in _DCP_NAMES:  # stand-ins: reading needs no DCP import
+            from .dcp_metadata import CLASSES
 
-            return getattr(importlib.import_module(module), name)
+            return CLASSES[name]
         return _opaque(module, name)
 
     def persistent_load(self, pid):
@@ -323,3 +323,25 @@ def read_tensor(fd: int, ref: TensorRef) -> torch.Tensor:
     storage = torch.frombuffer(raw, dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
     flat = storage.view(ref.dtype)
     return flat.as_strided(ref.shape, ref.stride, ref.storage_offset).clone()
+
+
+def stored_tensors(root: str, files, select) -> list:
+    """Every tensor of the torch.save ``files`` (under ``root``) as ``reshard inspect`` lists it;
+    ``select(obj)`` picks the part of each file's object that holds weights."""
+    out = []
+    for f in files:
+        obj = parse_file(os.path.join(root, f))
+
+        def walk(prefix, o):
+            if isinstance(o, TensorRef):
+                n = o.dtype.itemsize
+                for s in o.shape:
+                    n *= s
+                out.append({"name": prefix, "file": f, "shape": list(o.shape), "dtype": str(o.dtype)[6:],
+                            "bytes": n})
+            elif isinstance(o, dict):
+                for k, v in o.items():
+                    walk(f"{prefix}/{k}" if prefix else str(k), v)
+
+        walk("", select(obj) if isinstance(obj, dict) else obj)
+    return out

@@ -23,13 +23,13 @@ def main():
     src, target, fmt, mode, tensor, outdir = sys.argv[1:7]
     rank = int(os.environ["RANK"])
     if mode == "flip":
-        orig = hf.write_file
+        orig = hf.Target.write_file
 
-        def flip(out_dir, file, items, fsync):
-            n = orig(out_dir, file, items, fsync)
+        def flip(self, job, sink, file, items, emitter):
+            n = orig(self, job, sink, file, items, emitter)
             if any(t.name == tensor for t, _ in items):
-                path = os.path.join(out_dir, file)
-                with open(path, "r+b") as f:
+                sink.flush()
+                with open(sink.name, "r+b") as f:
                     (hlen,) = struct.unpack("<Q", f.read(8))
                     start = json.loads(f.read(hlen))[tensor]["data_offsets"][0]
                     f.seek(8 + hlen + start)
@@ -37,13 +37,13 @@ def main():
                     f.seek(8 + hlen + start)
                     f.write(bytes([b[0] ^ 0x01]))
             return n
-        run.hf.write_file = flip
+        hf.Target.write_file = flip
     else:
-        orig = megatron_legacy.write_file
+        orig = megatron_legacy.Target.obj
 
-        def drop(ckpt_dir, file, tensors, *a, **k):
-            return orig(ckpt_dir, file, {n: t for n, t in tensors.items() if not n.endswith(tensor)}, *a, **k)
-        run.megatron_legacy.write_file = drop
+        def drop(self, job, file, tensors):
+            return orig(self, job, file, {n: t for n, t in tensors.items() if not n.endswith(tensor)})
+        megatron_legacy.Target.obj = drop
     overrides = [f"source.path={src}", f"target.path={target}", f"target.format={fmt}",
                  f"paths.root={os.path.dirname(target)}", "io.progress=none"]
     if fmt == "megatron_legacy":
