@@ -23,8 +23,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup
 	rm -rf demo
 	$(PY) -m reshard.synthetic tiny_llama3 demo/tiny_llama3/hf --shards 3
-	RESHARD_ROOT=demo $(VENV)/bin/torchrun --standalone --nproc-per-node 2 -m reshard \
-		+model=tiny_llama3 parallel.target_tp=2 parallel.target_pp=2
+	# 2 ranks started by reshard itself (one import, forked ranks); torchrun works the same (below)
+	RESHARD_ROOT=demo $(PY) -m reshard launch.nproc=2 +model=tiny_llama3 parallel.target_tp=2 parallel.target_pp=2
 	$(PY) -m reshard.report demo/tiny_llama3/torch_dist_tp2_pp2
 	# a mixture of experts: 8 experts over EP=2, expert weights split over TP=2
 	$(PY) -m reshard.synthetic tiny_mixtral demo/tiny_mixtral/hf --shards 3

@@ -83,11 +83,11 @@ def job(cfg: DictConfig) -> None:
             config.validate(cfg)
             convert(cfg)
         except Exception as e:  # one line per failure; the traceback goes to the rank's log file
-            with interrupts_deferred():
+            with interrupts_deferred():  # torchrun's SIGTERM may come at any moment now: it waits
                 _report_failure(e, rank)
-            if os.environ.get("SUBMITIT_EXECUTOR"):
-                raise  # one Slurm job per sweep point: the job itself must fail so the sweep sees it
-            _failures.append(str(cfg.target.path))
+                if os.environ.get("SUBMITIT_EXECUTOR"):
+                    raise  # one Slurm job per sweep point: the job itself must fail so the sweep sees it
+                _failures.append(str(cfg.target.path))
 
 
 def _report_failure(e: BaseException, rank: int) -> None:
@@ -109,13 +109,12 @@ def main() -> int:
 
         return importlib.import_module(TOOLS[sys.argv[1]]).main(sys.argv[2:])
     nproc = launch.requested(sys.argv[1:])
-    children = launch.start(nproc, sys.argv[1:])[1] if nproc and nproc > 1 else []
-    try:
-        rc = _main()
-    except BaseException:
-        launch.stop(children)
-        raise
-    return launch.wait(children, rc) if children else rc
+    if nproc and nproc > 1:
+        launch.start(nproc, sys.argv[1:], launch.grace(sys.argv[1:]))  # returns in each of the ranks it forks
+    from . import faults
+
+    faults.point("start")
+    return _main()
 
 
 def _main() -> int:

@@ -132,6 +132,9 @@ class LaunchConfig:
     # python -m reshard launch.nproc=N: start N ranks on this node from one interpreter (imports
     # paid once, then the ranks are forked); under torchrun or srun leave it at 1
     nproc: int = 1
+    # once a rank died, the others get this long to fail on their own, then SIGTERM, then as long
+    # again before SIGKILL (a rank blocked in the rendezvous waiting for the dead one takes no signal)
+    grace_s: float = 10.0
 
 
 @dataclass

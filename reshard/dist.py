@@ -79,8 +79,15 @@ def init(device: str = "cpu", timeout_s: int = 1800) -> RankEnv:
         init_method = f"tcp://{env.master_addr}:{env.master_port}"
     else:
         init_method = "env://"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if env.launcher == "launch.nproc":  # reshard's own ranks: rank 0 serves the socket the launcher opened
+        fd = os.environ.pop("RESHARD_STORE_FD", None) if env.rank == 0 else None
+        store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, env.rank == 0, timeout=timeout,
+                              master_listen_fd=int(fd) if fd else None)
+        dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
+        return env
     dist.init_process_group(backend, init_method=init_method, rank=env.rank, world_size=env.world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+                            timeout=timeout)
     return env
 
 

@@ -3,7 +3,7 @@
 Off unless ``RESHARD_FAULT`` is set (one environment lookup per point), so they cost nothing
 in a real run. ``RESHARD_FAULT=<point>:<action>[:<rank>][,...]``:
 
-points   plan (planned, nothing claimed) · claimed (target claimed, no staging yet) · exchange ·
+points   start (a rank began, before the rendezvous) · plan (planned, nothing claimed) · claimed (target claimed, no staging yet) · exchange ·
          write (a file half written) · fsync (before a file's fsync) · verify (output written,
          before the re-read) · commit (rank 0, between the commit's steps) · committed
 actions  kill (SIGKILL itself) · term (SIGTERM itself) · raise (OSError) · enospc (OSError ENOSPC)

@@ -308,6 +308,7 @@ def verify_output(job: Job, cfg, out_dir: str) -> dict:
     # _report's gather already ordered this after every rank's last write
     names = sorted(table_for(job.spec).canonical_names(job.spec))
     want, n_src = index_checksums(job.index, formats.get(job.index.format).Reader, job.dtype_of, names)
+    t1 = time.perf_counter()
     err, out_index = None, None
     out_fmt = formats.get(cfg.target.format)
     try:
@@ -315,6 +316,7 @@ def verify_output(job: Job, cfg, out_dir: str) -> dict:
     except ReshardError as e:
         err = VerifyError(f"the staged output cannot be read back as {cfg.target.format}: {e}")
     rdist.agree(err, "re-reading the staged output")
+    t2 = time.perf_counter()
     got, n_out = index_checksums(out_index, out_fmt.Reader, None, [n for n in names if n in out_index.slices])
     bad = [n for n in names if want.get(n) != got.get(n)]
     if bad:
@@ -327,6 +329,8 @@ def verify_output(job: Job, cfg, out_dir: str) -> dict:
     totals = rdist.gather_objects((n_src, n_out))
     return {"ok": True, "tensors": len(names), "source_bytes_reread": sum(a for a, _ in totals),
             "output_bytes_reread": sum(b for _, b in totals), "seconds": round(time.perf_counter() - t0, 3),
+            "seconds_source": round(t1 - t0, 3), "seconds_output_index": round(t2 - t1, 3),
+            "seconds_output": round(time.perf_counter() - t2, 3),
             "checksum": "sum_r u_k(r) * sum_v bits16[r,v] * w(v) mod P_k, w < 2^22, P = 2^31-1 and 1e9+7",
             "coverage": "every target element written once; every source element used"}
 

@@ -20,6 +20,7 @@ sharing the slices over the ranks, and returns one checksum pair per canonical t
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -119,17 +120,22 @@ def index_checksums(index, reader_factory: Callable[[str], object], dtype_of: Op
     nbytes = 0
     try:
         for name, sl in mine:
-            n = sl.stored.dtype.itemsize * math.prod(sl.size)
-            if sl.transform is None and scratch.numel() < n:
-                scratch = torch.empty(n, dtype=torch.uint8)
-            t = read_rect(reader, sl.stored, sl.s_off, sl.size, sl.transform, into=scratch)
-            nbytes += t.nbytes
-            if dtype_of is not None and t.dtype != dtype_of(name):
-                t = t.to(dtype_of(name))
-            c = checksum(t, sl.c_off)
+            lead = len(sl.s_off) - len(sl.size)
+            cast = dtype_of is not None and sl.stored.dtype != dtype_of(name)
+            view = reader.view(sl.stored, sl.s_off, (1,) * lead + tuple(sl.size)) \
+                if hasattr(reader, "view") and sl.transform is None else contextlib.nullcontext()
+            with view as t:
+                if t is None:  # a column block, a permuted or transposed slice: read into the buffer
+                    n = sl.stored.dtype.itemsize * math.prod(sl.size)
+                    if sl.transform is None and scratch.numel() < n:
+                        scratch = torch.empty(n, dtype=torch.uint8)
+                    t = read_rect(reader, sl.stored, sl.s_off, sl.size, sl.transform, into=scratch)
+                t = t.reshape(sl.size)
+                nbytes += t.nbytes
+                c = checksum(t.to(dtype_of(name)) if cast else t, sl.c_off)
+                del t
             acc = sums.setdefault(name, [0, 0])
             acc[0], acc[1] = (acc[0] + c[0]) % PRIMES[0], (acc[1] + c[1]) % PRIMES[1]
-            del t
     finally:
         reader.close()
     total: Dict[str, List[int]] = {}

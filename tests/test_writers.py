@@ -247,3 +247,16 @@ def test_launch_nproc_fails_as_one_job_when_a_forked_rank_fails(hf_src, tmp_path
 def test_launch_nproc_refuses_to_run_under_another_launcher(hf_src, tmp_path):
     p = _launch(hf_src, str(tmp_path / "out"), 2, env={"RANK": "0", "WORLD_SIZE": "1"})
     assert p.returncode != 0 and "launch.nproc starts its own ranks" in p.stderr
+
+
+def test_a_rank_that_dies_before_the_rendezvous_does_not_leave_the_job_hanging(hf_src, tmp_path):
+    """Rank 0 then waits in TCPStore's C++ for a peer that will never come, where no Python signal
+    handler runs: the launcher kills it after 2 x launch.grace_s and says why."""
+    import time
+
+    out = tmp_path / "out"
+    t = time.monotonic()
+    p = _launch(hf_src, str(out), 2, "launch.grace_s=1", env={"RESHARD_FAULT": "start:kill:1"})
+    assert p.returncode == 137 and time.monotonic() - t < 60
+    assert "rank(s) [1] failed and rank(s) [0] did not stop" in p.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out.reshard-*"))

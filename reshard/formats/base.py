@@ -8,6 +8,7 @@ format provides are listed in :mod:`reshard.formats`.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import warnings
@@ -68,29 +69,56 @@ class RawReader:
         item = stored.dtype.itemsize
         return self._fd(stored.file), stored.offset + run[0] * item, run[1] * item
 
-    def _read_strided(self, stored: StoredTensor, offsets, sizes) -> torch.Tensor:
+    def _map(self, stored: StoredTensor) -> mmap.mmap:
         m = self._maps.get(stored.file)
         if m is None:
             m = self._maps[stored.file] = mmap.mmap(self._fd(stored.file), 0, access=mmap.ACCESS_READ)
         if stored.offset + stored.nbytes > len(m):
             raise SourceError(f"{os.path.join(self.root, stored.file)} is shorter than {stored.key} needs "
                               "(truncated after the run started)")
-        with warnings.catch_warnings():  # a read-only buffer: we only copy out of it
+        return m
+
+    def _mapped(self, stored: StoredTensor) -> torch.Tensor:
+        with warnings.catch_warnings():  # a read-only buffer: we only read from it
             warnings.simplefilter("ignore")
-            raw = torch.frombuffer(m, dtype=torch.uint8, count=stored.nbytes, offset=stored.offset)
-        full = raw.view(stored.dtype).reshape(stored.shape)
+            raw = torch.frombuffer(self._map(stored), dtype=torch.uint8, count=stored.nbytes, offset=stored.offset)
+        return raw.view(stored.dtype).reshape(stored.shape)
+
+    @contextlib.contextmanager
+    def view(self, stored: StoredTensor, offsets, sizes):
+        """The rectangle as a read-only view of the file's pages (no copy; valid inside the
+        ``with``), when it is one run of bytes; else None. The pages are dropped from this
+        process's RSS afterwards (they stay in the page cache)."""
+        run = contiguous_run(stored.shape, tuple(offsets), tuple(sizes))
+        if run is None or stored.nbytes == 0:
+            yield None
+            return
+        item = stored.dtype.itemsize
+        t = self._mapped(stored).reshape(-1)[run[0]:run[0] + run[1]].reshape(tuple(sizes))
+        try:
+            yield t
+        finally:
+            del t
+            self._drop(stored, stored.offset + run[0] * item, stored.offset + (run[0] + run[1]) * item)
+
+    def _drop(self, stored: StoredTensor, a: int, b: int) -> None:
+        """Unmap bytes ``[a, b)`` of ``stored``'s file from this process (not from the page cache)."""
+        m = self._maps.get(stored.file)
+        a = a // mmap.PAGESIZE * mmap.PAGESIZE
+        if m is not None and hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED") and b > a:
+            m.madvise(mmap.MADV_DONTNEED, a, min(b, len(m)) - a)
+
+    def _read_strided(self, stored: StoredTensor, offsets, sizes) -> torch.Tensor:
+        full = self._mapped(stored)
         idx = tuple(slice(o, o + s) for o, s in zip(offsets, sizes))
         out = full[idx].clone()
-        del full, raw
+        del full
         # The touched pages of a file mapping count in this process's RSS until unmapped: drop
         # them from the mapping (they stay in the page cache), so column reads cost no memory.
         first = contiguous_start(stored.shape, offsets)
         last = contiguous_start(stored.shape, tuple(o + s - 1 for o, s in zip(offsets, sizes))) + 1
         item = stored.dtype.itemsize
-        a = (stored.offset + first * item) // mmap.PAGESIZE * mmap.PAGESIZE
-        b = stored.offset + last * item
-        if hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED") and b > a:
-            m.madvise(mmap.MADV_DONTNEED, a, b - a)
+        self._drop(stored, stored.offset + first * item, stored.offset + last * item)
         return out
 
     def close(self):

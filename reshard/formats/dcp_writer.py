@@ -71,7 +71,7 @@ class _StreamingWriter(FileSystemWriter):
     def write_data(self, plan: SavePlan, planner) -> Future:
         name = f"{plan.storage_data.prefix}0.distcp"
         results = []
-        with files.Sink(os.path.join(str(self.path), name), self._chunk) as sink:
+        with files.Sink(os.path.join(str(self.path), name), self._chunk, writeback=self._fsync) as sink:
             for item in plan.items:
                 data = planner.resolve_data(item)
                 offset = sink.tell()

@@ -141,19 +141,39 @@ def address(buf) -> int:
     return np.frombuffer(buf, dtype=np.uint8).ctypes.data if len(buf) else 0
 
 
+def _sync_file_range():
+    """libc's ``sync_file_range`` (Linux), or None."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        f = libc.sync_file_range
+        f.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+        return f
+    except (OSError, AttributeError):
+        return None
+
+
+_START_WRITEBACK = {"fn": _sync_file_range()}
+WRITEBACK_EVERY = 64 << 20
+
+
 class Sink:
     """One output file: ``pwrite`` calls of at most ``chunk`` bytes (small writes gathered),
     ``copy_file_range`` for :class:`FileSpan` bytes, and the file object ``torch.save`` needs
-    (``write``, ``tell``, ``flush``, ``seek``, ``truncate``). Every OSError names the file."""
+    (``write``, ``tell``, ``flush``, ``seek``, ``truncate``). Every OSError names the file.
+    ``writeback`` (when the file will be fsynced): start the disk write as the file grows."""
 
-    def __init__(self, path: str, chunk: int = 256 << 10):
-        self.name, self.chunk = path, max(4096, int(chunk))
+    def __init__(self, path: str, chunk: int = 256 << 10, writeback: bool = False):
+        self.name, self.chunk, self.early_writeback = path, max(4096, int(chunk)), writeback
         try:
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as e:
             raise name_file(e, path)
         self.pos, self.kernel_bytes = 0, 0
         self._small = bytearray()
+        self._synced = 0  # bytes before this offset are already on their way to the disk
 
     def _pwrite(self, m: memoryview, at: int) -> None:
         done, n = 0, m.nbytes
@@ -165,6 +185,18 @@ class Sink:
                 done += k
         except OSError as e:
             raise name_file(e, self.name)
+
+    def _writeback(self) -> None:
+        """Every ``WRITEBACK_EVERY`` bytes, start the disk write of what came before
+        (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, which does not wait): write-back overlaps
+        the rest of the file, and the final fsync waits only for the tail."""
+        fn = _START_WRITEBACK["fn"]
+        done = self.pos - len(self._small)
+        if fn is None or not self.early_writeback or done - self._synced < WRITEBACK_EVERY:
+            return
+        if fn(self.fd, self._synced, done - self._synced, 2) != 0:  # 2 = SYNC_FILE_RANGE_WRITE
+            _START_WRITEBACK["fn"] = None  # not on this file system: fsync does it all
+        self._synced = done
 
     def _drain(self) -> None:
         if self._small:
@@ -183,6 +215,7 @@ class Sink:
         self._drain()
         self._pwrite(m, self.pos)
         self.pos += n
+        self._writeback()
         return n
 
     def copy(self, span: FileSpan) -> int:
@@ -209,6 +242,7 @@ class Sink:
             done += len(chunk)
         self.pos += span.nbytes
         self.kernel_bytes += kernel
+        self._writeback()
         return kernel
 
     def tell(self) -> int:

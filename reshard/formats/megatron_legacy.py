@@ -208,14 +208,16 @@ class _Want:
     local_expert: Optional[int] = None
 
 
-def _wanted(spec: ModelSpec, layout: Layout, table: MappingTable, pp: int, v: int, ep: int) -> List[_Want]:
+def _top_entries(spec: ModelSpec, layout: Layout, table: MappingTable, pp: int, v: int) -> list:
+    """The non-layer entries of one model chunk: the embedding on the first, the rest (final norm,
+    output layer) on the last."""
     pre = pp == 0 and v == 0
     post = pp == layout.pp - 1 and v == layout.vp - 1
-    out = []
-    for e in table.top:
-        if e.applies(spec) and ((e.mcore.startswith("embedding.") and pre)
-                                or (not e.mcore.startswith("embedding.") and post)):
-            out.append(_Want(e, None, (e.mcore,)))
+    return [e for e in table.top if e.applies(spec) and (pre if e.mcore.startswith("embedding.") else post)]
+
+
+def _wanted(spec: ModelSpec, layout: Layout, table: MappingTable, pp: int, v: int, ep: int) -> List[_Want]:
+    out = [_Want(e, None, (e.mcore,)) for e in _top_entries(spec, layout, table, pp, v)]
     for e, i, j, local in _file_layers(spec, layout, table, pp, v, ep):
         if e.expert is None:
             out.append(_Want(e, i, _layer_names(e, j), j))
@@ -357,13 +359,8 @@ def targets(spec: ModelSpec, layout: Layout, table: MappingTable, dtype_of: Call
             for t in range(layout.tp):
                 file = f"{rank_dirname(t, pp, layout, ep)}/{FILE}"
                 for v, mkey in enumerate(model_keys(layout)):
-                    pre = pp == 0 and v == 0
                     post = pp == layout.pp - 1 and v == layout.vp - 1
-                    items = []
-                    for e in table.top:
-                        if e.applies(spec) and ((e.mcore.startswith("embedding.") and pre)
-                                                or (not e.mcore.startswith("embedding.") and post)):
-                            items.append((e, None, e.mcore))
+                    items = [(e, None, e.mcore) for e in _top_entries(spec, layout, table, pp, v)]
                     if post and spec.tie_word_embeddings and layout.pp > 1:
                         items.append((embed, None, "output_layer.weight"))  # the tied copy Megatron keeps
                     for e, i, j, local in _file_layers(spec, layout, table, pp, v, ep):

@@ -110,7 +110,7 @@ class FileTarget(Target):
             for file, items in files.by_file(pieces, job.plan.targets):
                 path = os.path.join(out_dir, file)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                sink = files.Sink(path, self.chunk)
+                sink = files.Sink(path, self.chunk, writeback=self.io.fsync)
                 try:
                     kernel = self.write_file(job, sink, file, items, emitter)
                     faults.point("write")
