@@ -25,10 +25,7 @@ def report(plan, file_based: bool) -> dict:
             owner[plan.targets[p.key].file] = p.writers[0]
         sizes = defaultdict(int)
         for t in plan.targets.values():
-            n = t.dtype.itemsize
-            for s in t.shape:
-                n *= s
-            sizes[t.file] += n
+            sizes[t.file] += t.nbytes
         for f, r in owner.items():
             unit[r] = max(unit[r], sizes[f])
     for p in plan.pieces:

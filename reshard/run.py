@@ -30,9 +30,8 @@ from .models import table_for
 from .plan import Plan, build_plan, check_coverage
 from .progress import Progress, Stats
 from .spec import ModelSpec, check_preset
-from .signals import stop_on_signals
+from .signals import interrupts_deferred, stop_on_signals
 from .staging import Claim, check_target, commit, discard, mark_staging, recover, staging_dir
-from .signals import interrupts_deferred
 from .types import Piece
 
 log = logging.getLogger("reshard")

@@ -149,6 +149,10 @@ class TargetTensor:
     name: Optional[str] = None  # ... and its name inside that file
     transform: Optional[Tuple[str, int]] = None  # row permutation applied to the assembled tensor
 
+    @property
+    def nbytes(self) -> int:
+        return self.dtype.itemsize * math.prod(self.shape)
+
 
 @dataclass
 class Piece:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import mmap
 import os
 from collections import defaultdict
@@ -42,10 +43,7 @@ def file_owners(tgts: Sequence[TargetTensor], world: int) -> Dict[str, int]:
     about the same bytes, and a file is never split between ranks."""
     size: Dict[str, int] = defaultdict(int)
     for t in tgts:
-        n = t.dtype.itemsize
-        for s in t.shape:
-            n *= s
-        size[t.file] += n
+        size[t.file] += t.nbytes
     load = [0] * world
     owners = {}
     for f in sorted(size, key=lambda f: (-size[f], f)):
@@ -107,13 +105,6 @@ def by_file(pieces: Sequence[Piece], tgts: Dict[str, TargetTensor]) -> List[Tupl
     for p in pieces:
         files[tgts[p.key].file][p.key].append(p)
     return [(f, [(tgts[k], ps) for k, ps in files[f].items()]) for f in sorted(files)]
-
-
-def nbytes_of(t: TargetTensor) -> int:
-    n = t.dtype.itemsize
-    for s in t.shape:
-        n *= s
-    return n
 
 
 # ------------------------------------------------------------------------- the output file
@@ -314,10 +305,7 @@ def row_runs(t: TargetTensor, pieces: Sequence[Piece]) -> Optional[List[Piece]]:
         if start != pos:
             return None
         pos += numel
-    total = 1
-    for s in t.shape:
-        total *= s
-    return [p for _, _, p in starts] if pos == total else None
+    return [p for _, _, p in starts] if pos == math.prod(t.shape) else None
 
 
 class Emitter:
@@ -326,8 +314,8 @@ class Emitter:
     unchanged. A tensor whose pieces are runs of it goes out piece by piece; any other is
     assembled in one buffer, reused for every tensor (its pages are faulted in once)."""
 
-    def __init__(self, payload: Callable[[Piece, bool], object], kernel_copy: bool = True):
-        self.payload, self.kernel_copy = payload, kernel_copy
+    def __init__(self, payload: Callable[[Piece, bool], object]):
+        self.payload = payload
         self._buf = torch.empty(0, dtype=torch.uint8)
 
     def emit(self, sink: Sink, t: TargetTensor, pieces: Sequence[Piece]) -> int:
@@ -336,7 +324,7 @@ class Emitter:
         runs = row_runs(t, pieces)
         if runs is not None:
             for p in runs:
-                x = self.payload(p, self.kernel_copy)
+                x = self.payload(p, True)
                 if isinstance(x, FileSpan):
                     kernel += sink.copy(x)
                 else:
@@ -345,12 +333,12 @@ class Emitter:
                 del x
         else:
             write_tensor(sink, self.build(t, pieces, reuse=True))
-        assert sink.tell() - start == nbytes_of(t), f"{t.key}: wrote {sink.tell() - start} of {nbytes_of(t)} bytes"
+        assert sink.tell() - start == t.nbytes, f"{t.key}: wrote {sink.tell() - start} of {t.nbytes} bytes"
         return kernel
 
     def build(self, t: TargetTensor, pieces: Sequence[Piece], reuse: bool = False) -> torch.Tensor:
         """``t`` assembled in memory (in the reused buffer with ``reuse``: valid until the next call)."""
-        n = nbytes_of(t)
+        n = t.nbytes
         if reuse:
             if self._buf.numel() < n:
                 self._buf = torch.empty(n, dtype=torch.uint8)

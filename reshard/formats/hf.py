@@ -268,9 +268,7 @@ def header_bytes(tensors) -> bytes:
     every name, dtype, shape and offset is known from the plan before any data exists)."""
     header, off = {"__metadata__": {"format": "pt"}}, 0
     for t in tensors:
-        n = t.dtype.itemsize
-        for x in t.shape:
-            n *= x
+        n = t.nbytes
         header[t.name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + n]}
         off += n
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -311,7 +309,7 @@ class Target(FileTarget):
     def side_files(self, job, out_dir: str) -> None:
         tgts = list(job.plan.targets.values())
         weight_map = {t.name: t.file for t in tgts}
-        total = sum(t.dtype.itemsize * math.prod(t.shape) for t in tgts)
+        total = sum(t.nbytes for t in tgts)
         source_dir = job.source if job.index.format == NAME else None
         write_side_files(out_dir, job.spec, tgts[0].dtype, source_dir, self.ctx.cfg.target.hf_side_files,
                          weight_map, total)

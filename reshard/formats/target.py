@@ -106,7 +106,7 @@ class FileTarget(Target):
     def write(self, job, out_dir, rank, world, pieces, source, wrote) -> None:
         err, syncer = None, files.Syncer(self.io.fsync)
         try:
-            emitter = files.Emitter(source.payload, self.io.kernel_copy)
+            emitter = files.Emitter(source.payload)
             for file, items in files.by_file(pieces, job.plan.targets):
                 path = os.path.join(out_dir, file)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -118,7 +118,7 @@ class FileTarget(Target):
                     sink.close()
                     raise
                 syncer.submit(sink)  # fsynced and closed in the background while the next file is written
-                wrote(sum(files.nbytes_of(t) for t, _ in items), kernel)
+                wrote(sum(t.nbytes for t, _ in items), kernel)
         except Exception as e:  # no collective inside: the verdict below keeps ranks in step
             err = e
         finally:
@@ -149,7 +149,7 @@ class TorchSaveTarget(FileTarget):
     def write_file(self, job, sink, file, items, emitter) -> int:
         names = [t.name for t, _ in items]
         if not self.io.crc32:
-            payloads = [files.Payload(t.dtype, tuple(t.shape), files.nbytes_of(t),
+            payloads = [files.Payload(t.dtype, tuple(t.shape), t.nbytes,
                                       lambda s, t=t, ps=ps: emitter.emit(s, t, ps)) for t, ps in items]
             with files.crc32(False):
                 got = files.save_streamed(lambda hs: self.obj(job, file, dict(zip(names, hs))), payloads, sink)

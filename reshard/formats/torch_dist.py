@@ -39,6 +39,7 @@ ITERATIONS = True
 STACK_PREFIX = "decoder.layers."
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
 COMMON_KEY = "common_state/shard_0_1"
+_GLOBAL = Layout(tp=1)  # torch_dist keys hold global tensors: the layout of one rank holding all
 
 
 def _is_dcp_dir(path: str) -> bool:
@@ -199,7 +200,7 @@ def _match_keys(md, spec: ModelSpec, table: MappingTable) -> Tuple[List[_Key], L
     """Every key of ``.metadata`` matched to the architecture (byte objects, optimizer and RNG
     state are known and skipped), with its global shape checked."""
     top, layer = _entry_lookup(spec, table)
-    L, glob = spec.num_layers, Layout(tp=1)
+    L, glob = spec.num_layers, _GLOBAL
     problems, keys = [], []
     for key, meta in sorted(md.state_dict_metadata.items()):
         if isinstance(meta, BytesStorageMetadata):
@@ -274,7 +275,7 @@ def _chunk_records(ckpt: str, keys: List[_Key], storage) -> Dict[tuple, tuple]:
 
 def _chunk_slices(spec: ModelSpec, k: _Key, st: StoredTensor, c_lo, c_sz):
     """``(canonical name, SourceSlice)`` of every canonical rectangle inside one chunk of ``k``."""
-    glob = Layout(tp=1)
+    glob = _GLOBAL
     axes = (1 if k.stacked else 0) + (1 if k.entries[0].expert is not None else 0)  # leading layer/expert axes
     rows = k.meta.size[axes]
     ls = k.layers if not k.stacked else range(c_lo[0], c_lo[0] + c_sz[0])
@@ -454,7 +455,7 @@ class Target(_Target):
                 objects[key] = [None]
         if rank == 0:
             objects[COMMON_KEY] = [job.common]
-        save(out_dir, rank, world, pieces, job.plan.targets, lambda p: source.payload(p, self.io.kernel_copy),
+        save(out_dir, rank, world, pieces, job.plan.targets, source.payload,
              objects, self.io.fsync, wrote, self.chunk, self.io.crc32)
 
     def side_files(self, job, out_dir: str) -> None:
