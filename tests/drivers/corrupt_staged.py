@@ -16,6 +16,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir))
 
 from reshard import config, run  # noqa: E402
+from tests import procgroup  # noqa: E402
 from reshard.formats import hf, megatron_legacy  # noqa: E402
 
 
@@ -55,10 +56,7 @@ def main():
         verdict = f"FAILED {type(e).__name__}: {e}"
     with open(os.path.join(outdir, f"rank{rank}.txt"), "w") as f:
         f.write(verdict)
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    procgroup.finish()
 
 
 if __name__ == "__main__":

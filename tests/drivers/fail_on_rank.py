@@ -14,6 +14,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir))
 
 from reshard import config, run  # noqa: E402
+from tests import procgroup  # noqa: E402
 
 
 def main():
@@ -39,10 +40,7 @@ def main():
         verdict = f"FAILED {type(e).__name__}: {e}"
     with open(os.path.join(outdir, f"rank{rank}.txt"), "w") as f:
         f.write(verdict)
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()  # leave no gloo thread behind at exit
+    procgroup.finish()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 
 from reshard.transforms import gated_tp_shard, merge_gated, merge_qkv, pad_vocab  # noqa: E402
 from tests.expected import load_hf  # noqa: E402
+from tests import procgroup  # noqa: E402
 from tests.referees import mcore  # noqa: E402
 
 
@@ -183,12 +184,12 @@ def main():
         layouts = [tuple(int(x) for x in r.split(",")) for r in rest]
     else:
         layouts = [(int(rest[0]), int(rest[1]), int(rest[2]) if len(rest) > 2 else 1)]
-    dist.init_process_group("gloo")
+    procgroup.init_gloo()
     for k, lay in enumerate(layouts):
         tp, pp, ep = lay[:3]
         check_one(ckpt, hf_dir, tp, pp, ep, resave if k == 0 else None, lay[3] if len(lay) > 3 else None,
                   legacy if k == 0 else None)
-    dist.destroy_process_group()
+    procgroup.finish()
 
 
 if __name__ == "__main__":

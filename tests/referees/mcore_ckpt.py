@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir))
 
+from tests import procgroup  # noqa: E402
 from tests.referees import mcore  # noqa: E402
 
 
@@ -185,7 +186,7 @@ def check(spec, ref, kind, ckpt, tp, pp, vpp, job=0):
 
 
 def main():
-    dist.init_process_group("gloo")
+    procgroup.init_gloo()
     mode = sys.argv[1]
     with open(sys.argv[2]) as f:
         spec = json.load(f)
@@ -197,7 +198,7 @@ def main():
             check(spec, sys.argv[3], kind, ckpt, int(tp), int(pp), int(vpp), job=k)
             dist.barrier()
     dist.barrier()
-    dist.destroy_process_group()
+    procgroup.finish()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,27 @@
+"""The start and the end of a process group in the tests' own torchrun scripts.
+
+:func:`finish` is also a check: after ``destroy_process_group`` no gloo thread may be left. A
+group kept alive past it (see :func:`reshard.dist.before_init`) aborts the interpreter's exit
+now and then, after the job succeeded; the check makes that a failure every time.
+"""
+
+import sys
+
+import torch.distributed as dist
+
+from reshard import dist as rdist
+
+
+def init_gloo() -> None:
+    rdist.before_init()
+    dist.init_process_group("gloo")
+
+
+def finish() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    left = rdist.gloo_threads()
+    if left:
+        print(f"rank-local check failed: {left} gloo thread(s) still running after destroy_process_group "
+              "(something holds the process group)", file=sys.stderr, flush=True)
+        sys.exit(3)
