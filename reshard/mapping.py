@@ -33,6 +33,7 @@ def dims(spec: ModelSpec) -> Dict[str, int]:
         "vocab": spec.vocab_size,
         "q_rows": spec.num_attention_heads * spec.head_dim,
         "kv_rows": spec.num_query_groups * spec.head_dim,
+        "head_dim": spec.head_dim,
         "experts": spec.num_experts,
         "moe_ffn": spec.expert_ffn,
         "shared_ffn": spec.shared_expert_ffn_hidden_size,
@@ -102,6 +103,8 @@ class Entry:
             return spec.qkv_bias
         if self.when == "untied":
             return not spec.tie_word_embeddings
+        if self.when == "qk_norm":
+            return spec.qk_norm
         if self.when == "shared_expert":
             return spec.shared_expert_ffn_hidden_size > 0
         if self.when == "shared_gate":

@@ -19,11 +19,17 @@ from .errors import ConfigError, SourceError, UnsupportedError
 log = logging.getLogger(__name__)
 
 # HF model_type -> mapping-table family (see reshard/models/).
-MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama",
-               "mixtral": "mixtral", "qwen2_moe": "qwen2_moe"}
+# Qwen3 is the Llama table with per-head q/k norms; Qwen3-MoE the Qwen2-MoE table without the
+# shared expert (its entries apply only when the spec has one).
+MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
+               "mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen2_moe"}
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
-MOE_TYPES = ("mixtral", "qwen2_moe")
+                 "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM"}
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+# Families with an RMSNorm over each head's query and key (``self_attn.q_norm`` / ``k_norm``, ``[head_dim]``,
+# one norm shared by all heads) - Megatron-core's ``qk_layernorm=True``.
+QK_NORM_TYPES = ("qwen3", "qwen3_moe")
 
 # Fields that change the weights or the maths: a preset that disagrees on one is an error.
 STRUCTURAL_FIELDS = (
@@ -85,6 +91,10 @@ class ModelSpec:
         return ARCHITECTURES[self.model_type]
 
     @property
+    def qk_norm(self) -> bool:
+        return self.model_type in QK_NORM_TYPES
+
+    @property
     def queries_per_group(self) -> int:
         return self.num_attention_heads // self.num_query_groups
 
@@ -142,6 +152,8 @@ class ModelSpec:
                             f"(mixture-of-experts types: {list(MOE_TYPES)})")
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             problems.append(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..{self.num_experts}")
+        if self.model_type == "qwen3_moe" and self.shared_expert_ffn_hidden_size:
+            problems.append("qwen3_moe has no shared expert: shared_expert_ffn_hidden_size must be 0")
         if self.model_type == "qwen2_moe" and not (self.shared_expert_ffn_hidden_size and self.shared_expert_gate):
             problems.append("qwen2_moe has a gated shared expert: set shared_expert_ffn_hidden_size and "
                             "shared_expert_gate=true")
@@ -201,7 +213,7 @@ def spec_from_hf_config(cfg: Mapping[str, Any], where: str = "config.json") -> M
             head_dim=int(cfg.get("head_dim") or h // nh),
             ffn_hidden_size=int(cfg["intermediate_size"]),
             vocab_size=int(cfg["vocab_size"]),
-            norm_eps=float(cfg.get("rms_norm_eps", 1e-6 if model_type.startswith("qwen2") else 1e-5)),
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6 if model_type.startswith("qwen") else 1e-5)),
             rope_theta=float(theta),
             rope_scaling=_rope_scaling_from_hf(rope_scaling),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
@@ -227,6 +239,14 @@ _HF_NUMBERS = ("num_attention_heads", "hidden_size", "num_hidden_layers", "num_k
                "shared_expert_intermediate_size", "decoder_sparse_step")
 
 
+def _dense_layers_refused(cfg: Mapping[str, Any], where: str) -> None:
+    step, dense = int(cfg.get("decoder_sparse_step", 1)), list(cfg.get("mlp_only_layers") or [])
+    if step != 1 or dense:
+        raise UnsupportedError(
+            f"{where}: decoder_sparse_step={step}, mlp_only_layers={dense}: models that mix dense and MoE "
+            "layers are not supported (every layer must be an MoE layer)")
+
+
 def _is_number(v) -> bool:
     if v is None or isinstance(v, bool):
         return v is None
@@ -243,12 +263,17 @@ def _moe_from_hf(cfg: Mapping[str, Any], model_type: str, where: str) -> dict:
     if model_type == "mixtral":
         return dict(num_experts=int(cfg["num_local_experts"]), num_experts_per_tok=int(cfg["num_experts_per_tok"]),
                     moe_ffn_hidden_size=int(cfg["intermediate_size"]), moe_norm_topk_prob=True)
+    if model_type == "qwen3_moe":
+        _dense_layers_refused(cfg, where)
+        # Qwen's own configs say num_experts; transformers >= 5 writes num_local_experts
+        experts = cfg.get("num_experts", cfg.get("num_local_experts"))
+        if experts is None:
+            raise KeyError("num_experts")
+        return dict(num_experts=int(experts), num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+                    moe_ffn_hidden_size=int(cfg["moe_intermediate_size"]),
+                    moe_norm_topk_prob=bool(cfg.get("norm_topk_prob", False)))
     if model_type == "qwen2_moe":
-        step, dense = int(cfg.get("decoder_sparse_step", 1)), list(cfg.get("mlp_only_layers") or [])
-        if step != 1 or dense:
-            raise UnsupportedError(
-                f"{where}: decoder_sparse_step={step}, mlp_only_layers={dense}: models that mix dense and MoE "
-                "layers are not supported (every layer must be an MoE layer)")
+        _dense_layers_refused(cfg, where)
         return dict(num_experts=int(cfg["num_experts"]), num_experts_per_tok=int(cfg["num_experts_per_tok"]),
                     moe_ffn_hidden_size=int(cfg["moe_intermediate_size"]),
                     moe_norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
@@ -321,12 +346,12 @@ def to_hf_config(spec: ModelSpec) -> dict:
         "hidden_act": "silu",
         "torch_dtype": spec.dtype,
     }
-    if spec.model_type == "llama":
+    if spec.model_type in ("llama", "qwen3", "qwen3_moe"):
         cfg["attention_bias"] = spec.qkv_bias
         cfg["mlp_bias"] = False
-    if spec.model_type in ("mistral", "qwen2", "mixtral", "qwen2_moe"):
+    if spec.model_type in ("mistral", "qwen2", "mixtral", "qwen2_moe", "qwen3", "qwen3_moe"):
         cfg["sliding_window"] = spec.sliding_window
-    if spec.model_type in ("qwen2", "qwen2_moe"):
+    if spec.model_type in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe"):
         cfg["use_sliding_window"] = False
     if spec.is_moe:
         cfg["num_experts_per_tok"] = spec.num_experts_per_tok
@@ -339,6 +364,9 @@ def to_hf_config(spec: ModelSpec) -> dict:
                    shared_expert_intermediate_size=spec.shared_expert_ffn_hidden_size,
                    norm_topk_prob=spec.moe_norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[],
                    qkv_bias=spec.qkv_bias)
+    if spec.model_type == "qwen3_moe":
+        cfg.update(num_experts=spec.num_experts, moe_intermediate_size=spec.expert_ffn,
+                   norm_topk_prob=spec.moe_norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[])
     return cfg
 
 
@@ -352,6 +380,8 @@ def hf_problems(spec: ModelSpec) -> list:
             out.append("Mixtral has no q/k/v biases")
         if not spec.moe_norm_topk_prob:
             out.append("Mixtral always renormalises the top-k router probabilities")
+    if spec.model_type == "qwen3_moe" and spec.shared_expert_ffn_hidden_size:
+        out.append("Qwen3-MoE has no shared expert")
     if spec.moe_expert_bias:
         out.append(f"{spec.architecture} has no router expert bias")
     if spec.is_moe and spec.moe_router_score_function != "softmax":

@@ -5,6 +5,7 @@ group kept alive past it (see :func:`reshard.dist.before_init`) aborts the inter
 now and then, after the job succeeded; the check makes that a failure every time.
 """
 
+import gc
 import sys
 
 import torch.distributed as dist
@@ -18,6 +19,15 @@ def init_gloo() -> None:
 
 
 def finish() -> None:
+    ps = sys.modules.get("megatron.core.parallel_state")
+    if ps is not None:  # Megatron-core keeps its groups in module globals until told otherwise
+        ps.destroy_model_parallel()
+        # megatron-core 0.19.2's destroy_model_parallel forgets _INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP
+        # and its _GLOO twin: clear whatever group it left
+        for k, v in list(vars(ps).items()):
+            if isinstance(v, dist.ProcessGroup):
+                setattr(ps, k, None)
+        gc.collect()  # models that referenced its groups, left in reference cycles
     if dist.is_initialized():
         dist.destroy_process_group()
     left = rdist.gloo_threads()

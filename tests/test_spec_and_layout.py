@@ -25,6 +25,11 @@ PARAMS = {
     "mixtral_8x7b": 46_702_792_704, "mixtral_8x22b": 140_620_634_112,
     # the model card says 57.4B; this is the sum of its published module shapes
     "qwen2_moe_57b_a14b": 57_408_658_944,
+    # Qwen3: the safetensors total of Qwen3-8B; the others match their model cards' figures (total and
+    # non-embedding: 0.6B/0.44B, 1.7B/1.4B, 4.0B/3.6B, 14.8B/13.2B, 32.8B/31.2B, 30.5B, 235B)
+    "qwen3_0.6b": 596_049_920, "qwen3_1.7b": 1_720_574_976, "qwen3_4b": 4_022_468_096,
+    "qwen3_8b": 8_190_735_360, "qwen3_14b": 14_768_307_200, "qwen3_32b": 32_762_123_264,
+    "qwen3_30b_a3b": 30_532_122_624, "qwen3_235b_a22b": 235_093_634_560,
 }
 
 

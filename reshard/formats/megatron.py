@@ -144,10 +144,16 @@ def spec_from_args(args: Any, where: str, vocab_size: Optional[int] = None) -> M
                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                         "original_max_position_embeddings": 8192}
     dtype = "bfloat16" if _get(args, "bf16") else "float16" if _get(args, "fp16") else "float32"
-    if moe:
+    qk_norm = bool(_get(args, "qk_layernorm", default=False))
+    if moe and qk_norm:
+        if moe.get("shared_expert_ffn_hidden_size"):
+            raise SourceError(f"{where}: args say qk_layernorm=True with a shared expert; no supported family has "
+                              "both (Qwen3-MoE has q/k norms and no shared expert)")
+        model_type = "qwen3_moe"
+    elif moe:
         model_type = "qwen2_moe" if moe.get("shared_expert_ffn_hidden_size") else "mixtral"
     else:
-        model_type = "qwen2" if qkv_bias else "llama"
+        model_type = "qwen3" if qk_norm else "qwen2" if qkv_bias else "llama"
     d = dict(
         model_type=model_type,
         num_layers=int(need("num_layers")),

@@ -44,6 +44,7 @@ def make_args(spec: ModelSpec, layout: Layout, dtype: torch.dtype, ckpt_format: 
         layernorm_epsilon=spec.norm_eps,
         add_bias_linear=False,
         add_qkv_bias=spec.qkv_bias,
+        qk_layernorm=spec.qk_norm,
         untie_embeddings_and_output_weights=not spec.tie_word_embeddings,
         position_embedding_type="rope",
         add_position_embedding=False,  # compared by Megatron's check_checkpoint_args

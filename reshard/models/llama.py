@@ -1,5 +1,6 @@
 """Llama family: Llama-2 (MHA), Llama-3/3.1 (GQA, llama3 rope scaling), Mistral, Qwen2
-(qkv bias, optionally tied embeddings). One table; sizes are data in ``conf/model/``."""
+(qkv bias, optionally tied embeddings), Qwen3 (per-head q/k RMSNorm, explicit head_dim).
+One table; sizes are data in ``conf/model/``."""
 
 from ..mapping import QKV, GatedMLP, MappingTable, Replicated, Row, Vocab
 
@@ -19,6 +20,12 @@ TABLE = MappingTable(
             q=_L + "self_attn.q_proj.weight", k=_L + "self_attn.k_proj.weight", v=_L + "self_attn.v_proj.weight"),
         QKV(mcore="self_attention.linear_qkv.bias", when="qkv_bias", bias=True,
             q=_L + "self_attn.q_proj.bias", k=_L + "self_attn.k_proj.bias", v=_L + "self_attn.v_proj.bias"),
+        # Qwen3: one RMSNorm [head_dim] shared by all query heads, one by all key heads, applied per head
+        # before RoPE; replicated over TP (Megatron-core qk_layernorm=True, the same name in both specs)
+        Replicated(mcore="self_attention.q_layernorm.weight", when="qk_norm", hf=_L + "self_attn.q_norm.weight",
+                   dims=("head_dim",)),
+        Replicated(mcore="self_attention.k_layernorm.weight", when="qk_norm", hf=_L + "self_attn.k_norm.weight",
+                   dims=("head_dim",)),
         Row(mcore="self_attention.linear_proj.weight", extra_state="self_attention.linear_proj",
             hf=_L + "self_attn.o_proj.weight", dims=("hidden", "q_rows")),
         Replicated(mcore="mlp.linear_fc1.layer_norm_weight", local="pre_mlp_layernorm.weight",

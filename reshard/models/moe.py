@@ -1,5 +1,7 @@
-"""Mixture-of-experts families: Mixtral (routed experts) and Qwen2-MoE (routed experts plus a
-gated shared expert). Attention is the Llama table's; every layer's MLP is an MoE block.
+"""Mixture-of-experts families: Mixtral (routed experts), Qwen2-MoE (routed experts plus a
+gated shared expert) and Qwen3-MoE (Qwen2-MoE's names, no shared expert, q/k norms: the same
+table, whose shared-expert and q/k-norm entries apply only to specs that have them). Attention is
+the Llama table's; every layer's MLP is an MoE block.
 
 Megatron-core names (FORMATS.md §3, MoE): router ``mlp.router.weight`` ``[E, h]`` (replicated,
 fp32 in Megatron runs - its dtype is kept), experts as SequentialMLP modules

@@ -29,6 +29,7 @@ from tests.referees import mcore  # noqa: E402
 MOE_HF = {  # model_type -> (router, expert prefix {e}, gate, up, down)
     "mixtral": ("block_sparse_moe.gate", "block_sparse_moe.experts.{e}.", "w1", "w3", "w2"),
     "qwen2_moe": ("mlp.gate", "mlp.experts.{e}.", "gate_proj", "up_proj", "down_proj"),
+    "qwen3_moe": ("mlp.gate", "mlp.experts.{e}.", "gate_proj", "up_proj", "down_proj"),
 }
 
 
@@ -79,6 +80,8 @@ def expected_local(name, hf, spec, tp, tp_rank, layer_offset, padded, experts=No
         kind = rest.rsplit(".", 1)[1]
         qkv = merge_qkv(*(hf[p + f"self_attn.{x}_proj.{kind}"] for x in "qkv"), ng)
         return chunk0(qkv)
+    if rest in ("self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"):
+        return hf[p + f"self_attn.{rest.split('.')[1][0]}_norm.weight"]  # one [head_dim] norm, every TP rank
     if rest == "self_attention.linear_proj.weight":
         return chunk1(hf[p + "self_attn.o_proj.weight"])
     if rest == "mlp.linear_fc1.weight":
@@ -88,7 +91,21 @@ def expected_local(name, hf, spec, tp, tp_rank, layer_offset, padded, experts=No
     return expected_moe(rest, p, hf, spec, tp, tp_rank, experts or (1, 0, tp, tp_rank))
 
 
-def check_one(ckpt, hf_dir, tp, pp, ep, resave=None, etp=None, legacy=None):
+def check_logits(model, hf_dir, spec, tp_rank):
+    """Megatron's forward pass on the loaded weights against transformers' on the HF source."""
+    from tests.referees import hf_logits
+
+    tokens = hf_logits.tokens(spec["vocab_size"])
+    ours = mcore.logits(model, tokens, spec["vocab_size"])
+    ref = hf_logits.logits(hf_dir)
+    diff = (ours - ref).abs().max().item()
+    if not diff <= 1e-4:
+        raise AssertionError(f"rank {dist.get_rank()}: Megatron logits differ from transformers' by {diff:.3g}")
+    mcore.say(f"OK logits rank {dist.get_rank()} tp {tp_rank}: {tuple(ours.shape)} max |megatron - transformers| "
+              f"= {diff:.2e}")
+
+
+def check_one(ckpt, hf_dir, tp, pp, ep, resave=None, etp=None, legacy=None, logits=False):
     """Build the model at TP/PP/EP, ``dist_checkpointing.load`` CKPT into it, compare with HF.
     ``resave``: then save the loaded model the way Megatron does (``dist_checkpointing.save``
     and a legacy ``state_dict()`` file per rank) - Megatron-made sources with known weights."""
@@ -128,12 +145,14 @@ def check_one(ckpt, hf_dir, tp, pp, ep, resave=None, etp=None, legacy=None):
     mcore.say(f"OK rank {dist.get_rank()} tp {tp_rank} pp {pp_rank} ep {ep_rank}"
         + (f" etp {etp}:{etp_rank}" if etp else "") + f": {n} tensors equal"
         + (f" ({n_expert_weights} expert weights)" if n_expert_weights else ""))
+    if logits and pp == 1:
+        check_logits(model, hf_dir, spec, tp_rank)
     if resave:
         save_like_megatron(model, common, spec, resave, tp, pp, ep, tp_rank, pp_rank, ep_rank)
     if legacy:  # this rank's legacy file, strictly loaded into the same model, compared again
         d = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "") + (f"_{ep_rank:03d}" if ep > 1 else "")
         state = torch.load(os.path.join(legacy, d, "model_optim_rng.pt"), weights_only=False)
-        assert state["args"].expert_model_parallel_size == ep and state["args"].num_experts == spec["num_experts"]
+        assert state["args"].expert_model_parallel_size == ep and (state["args"].num_experts or 0) == spec["num_experts"]
         model.load_state_dict(state["model"], strict=True)
         mcore.say(f"OK legacy {d} rank {dist.get_rank()}: strict load_state_dict, {compare()} tensors equal")
     dist.barrier()
@@ -169,7 +188,8 @@ def save_like_megatron(model, common, spec, out, tp, pp, ep, tp_rank, pp_rank, e
 
 def main():
     """``CKPT HF_DIR TP PP [EP]``, or ``CKPT HF_DIR tp,pp,ep[,etp] [tp,pp,ep[,etp] ...] [--resave OUT]
-    [--legacy ITER_DIR]`` (``--legacy``: also strict-load that legacy checkpoint at the first layout)``
+    [--legacy ITER_DIR] [--logits]`` (``--legacy``: also strict-load that legacy checkpoint at the first
+    layout; ``--logits``: also compare Megatron's logits with transformers' at layouts with PP=1)``
     (several layouts in one process group: Megatron is imported once)."""
     argv = sys.argv[1:]
     opts = {}
@@ -179,6 +199,8 @@ def main():
             opts[flag] = argv[i + 1]
             argv = argv[:i] + argv[i + 2:]
     resave, legacy = opts.get("--resave"), opts.get("--legacy")
+    logits = "--logits" in argv  # also compare Megatron's forward pass with transformers' (layouts with PP=1)
+    argv = [a for a in argv if a != "--logits"]
     ckpt, hf_dir, rest = argv[0], argv[1], argv[2:]
     if "," in rest[0]:
         layouts = [tuple(int(x) for x in r.split(",")) for r in rest]
@@ -188,7 +210,7 @@ def main():
     for k, lay in enumerate(layouts):
         tp, pp, ep = lay[:3]
         check_one(ckpt, hf_dir, tp, pp, ep, resave if k == 0 else None, lay[3] if len(lay) > 3 else None,
-                  legacy if k == 0 else None)
+                  legacy if k == 0 else None, logits)
     procgroup.finish()
 
 

@@ -82,6 +82,7 @@ def transformer_config(spec: dict, tp: int, pp: int, dtype=torch.float32, ep: in
         activation_func=torch.nn.functional.silu,
         add_bias_linear=False,
         add_qkv_bias=spec.get("qkv_bias", False),
+        qk_layernorm=spec["model_type"] in ("qwen3", "qwen3_moe"),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
@@ -112,7 +113,8 @@ def build_gpt(spec: dict, tp: int, pp: int, padded_vocab: int, dtype=torch.float
         model = GPTModel(
             config=cfg,
             transformer_layer_spec=get_gpt_layer_local_spec(
-                num_experts=spec.get("num_experts") or None, moe_grouped_gemm=False, qk_layernorm=False),
+                num_experts=spec.get("num_experts") or None, moe_grouped_gemm=False,
+                qk_layernorm=spec["model_type"] in ("qwen3", "qwen3_moe")),
             vocab_size=padded_vocab,
             max_sequence_length=spec.get("max_position_embeddings", 4096),
             pre_process=parallel_state.is_pipeline_first_stage(),
@@ -133,6 +135,30 @@ def load_torch_dist(model, ckpt_dir: str) -> None:
     own = set(model.state_dict())
     # load() merges the common state (args, iteration, ...) into the result; keep model keys.
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
+
+
+def logits(model, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Megatron's own forward pass (one pipeline stage, any TP) on ``tokens`` ``[b, s]``: the
+    ``[b, s, vocab]`` logits, vocab-parallel shards gathered and the padding rows dropped."""
+    from megatron.core import parallel_state as ps
+
+    b, s = tokens.shape
+    position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
+    # explicit causal mask (True = masked out): the default one is built on cuda
+    mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1).view(1, 1, s, s).expand(b, 1, s, s)
+    model.eval()
+    with torch.no_grad():
+        out = model(tokens, position_ids, mask)
+    # RotaryEmbedding.forward is an lru_cache: it would keep the module (and its process groups) alive
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    RotaryEmbedding.forward.cache_clear()
+    tp = ps.get_tensor_model_parallel_world_size()
+    if tp > 1:
+        parts = [torch.empty_like(out) for _ in range(tp)]
+        dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
+        out = torch.cat(parts, dim=-1)
+    return out[..., :vocab]
 
 
 def rank_print(*a):
