@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -125,6 +125,7 @@ class ModelConfig:
     shared_expert_gate: Optional[bool] = None
     moe_expert_bias: Optional[bool] = None
     moe_router_score_function: Optional[str] = None
+    dense_layers: Optional[List[int]] = None
 
 
 @dataclass

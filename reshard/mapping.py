@@ -57,6 +57,8 @@ class Entry:
     grouped: Optional[str] = None
     expert: Optional[int] = None
     is_expert: bool = False
+    # in a model mixing dense and MoE layers: "dense" or "moe" (the layers it exists in); None: every layer
+    layers: Optional[str] = None
 
     tp_rule: ClassVar[str] = ""
 
@@ -96,7 +98,17 @@ class Entry:
         first = next(iter(self.parts()))
         return (self.rows(spec, layout),) + self.part_shape(spec, first)[1:]
 
-    def applies(self, spec: ModelSpec) -> bool:
+    def applies(self, spec: ModelSpec, layer: Optional[int] = None) -> bool:
+        """Does the spec have this tensor (at ``layer``; without one: at some layer)?"""
+        if self.layers is not None:
+            moe = self.layers == "moe"
+            if layer is not None and spec.is_moe_layer(layer) != moe:
+                return False
+            if layer is None and not any(spec.is_moe_layer(i) == moe for i in range(spec.num_layers)):
+                return False
+        return self._when(spec)
+
+    def _when(self, spec: ModelSpec) -> bool:
         if self.when is None:
             return True
         if self.when == "qkv_bias":
@@ -224,15 +236,16 @@ class MappingTable:
                     count = name.count("{i}")
                     if count != (1 if scope == "layer" else 0):
                         raise AssertionError(f"{self.family}: {scope} entry {name!r} has {count} layer placeholders")
-                    if name in seen_hf:
+                    # a dense layer's and an MoE layer's tensor may share a canonical name (the pre-MLP norm)
+                    if (name, e.layers) in seen_hf or (e.layers is None and any(n == name for n, _ in seen_hf)):
                         raise AssertionError(f"{self.family}: canonical name {name!r} mapped twice")
-                    seen_hf.add(name)
+                    seen_hf.add((name, e.layers))
                 for mc in {e.mcore, e.local} - {None}:
                     if "{i}" in mc:
                         raise AssertionError(f"{self.family}: Megatron name {mc!r} must be layer-relative")
-                    if (scope, mc) in seen_mc and mc != e.mcore:
+                    if (scope, mc, e.layers) in seen_mc and mc != e.mcore:
                         raise AssertionError(f"{self.family}: Megatron name {mc!r} used twice")
-                    seen_mc.add((scope, mc))
+                    seen_mc.add((scope, mc, e.layers))
 
     def for_spec(self, spec: ModelSpec) -> "MappingTable":
         """Expert templates expanded for ``spec.num_experts`` experts (the table itself when dense)."""
@@ -253,7 +266,7 @@ class MappingTable:
                 yield e, None
         for i in range(spec.num_layers):
             for e in self.layer:
-                if e.applies(spec):
+                if e.applies(spec, i):
                     yield e, i
 
     def canonical_names(self, spec: ModelSpec) -> Dict[str, Tuple[Entry, str, Optional[int]]]:

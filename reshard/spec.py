@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Tuple
 
 from .errors import ConfigError, SourceError, UnsupportedError
 
@@ -37,7 +37,7 @@ STRUCTURAL_FIELDS = (
     "head_dim", "ffn_hidden_size", "vocab_size", "norm_eps", "rope_theta", "rope_scaling",
     "tie_word_embeddings", "qkv_bias", "num_experts", "moe_ffn_hidden_size", "num_experts_per_tok",
     "moe_norm_topk_prob", "shared_expert_ffn_hidden_size", "shared_expert_gate", "moe_expert_bias",
-    "moe_router_score_function",
+    "moe_router_score_function", "dense_layers",
 )
 # Fields that are carried through but do not change any tensor: a mismatch is a warning.
 INFORMATIONAL_FIELDS = ("max_position_embeddings", "sliding_window", "dtype")
@@ -72,11 +72,22 @@ class ModelSpec:
     shared_expert_gate: bool = False  # sigmoid gate [1, h] on the shared expert's output
     moe_expert_bias: bool = False  # router expert bias [E] (aux-loss-free balancing)
     moe_router_score_function: str = "softmax"  # Megatron's; sigmoid (with expert bias) has no HF form here
+    # layers of a mixture-of-experts model whose MLP is a dense SwiGLU of ffn_hidden_size (HF Qwen-MoE
+    # mlp_only_layers / decoder_sparse_step, Megatron moe_layer_freq as a list); () = every layer MoE
+    dense_layers: Tuple[int, ...] = ()
     name: Optional[str] = field(default=None, compare=False)
 
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer not in self.dense_layers
+
+    @property
+    def mixed_layers(self) -> bool:
+        """Dense and MoE layers in one model: Megatron-core then keys torch_dist per layer."""
+        return self.is_moe and bool(self.dense_layers)
 
     @property
     def expert_ffn(self) -> int:
@@ -124,6 +135,8 @@ class ModelSpec:
              if v is not None or k in ("rope_scaling", "sliding_window", "name", "moe_ffn_hidden_size")}
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = _freeze(d["rope_scaling"])
+        if d.get("dense_layers") is not None:
+            d["dense_layers"] = tuple(sorted(int(i) for i in d["dense_layers"]))
         spec = cls(**d)
         spec.check()
         return spec
@@ -152,6 +165,10 @@ class ModelSpec:
                             f"(mixture-of-experts types: {list(MOE_TYPES)})")
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             problems.append(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..{self.num_experts}")
+        bad = [i for i in self.dense_layers if not 0 <= i < self.num_layers]
+        if self.dense_layers and (not self.num_experts or bad or len(set(self.dense_layers)) == self.num_layers):
+            problems.append(f"dense_layers={list(self.dense_layers)} must name some, not all, of the "
+                            f"{self.num_layers} layers of a mixture-of-experts model")
         if self.model_type == "qwen3_moe" and self.shared_expert_ffn_hidden_size:
             problems.append("qwen3_moe has no shared expert: shared_expert_ffn_hidden_size must be 0")
         if self.model_type == "qwen2_moe" and not (self.shared_expert_ffn_hidden_size and self.shared_expert_gate):
@@ -239,12 +256,12 @@ _HF_NUMBERS = ("num_attention_heads", "hidden_size", "num_hidden_layers", "num_k
                "shared_expert_intermediate_size", "decoder_sparse_step")
 
 
-def _dense_layers_refused(cfg: Mapping[str, Any], where: str) -> None:
-    step, dense = int(cfg.get("decoder_sparse_step", 1)), list(cfg.get("mlp_only_layers") or [])
-    if step != 1 or dense:
-        raise UnsupportedError(
-            f"{where}: decoder_sparse_step={step}, mlp_only_layers={dense}: models that mix dense and MoE "
-            "layers are not supported (every layer must be an MoE layer)")
+def _qwen_dense_layers(cfg: Mapping[str, Any]) -> Tuple[int, ...]:
+    """transformers' Qwen-MoE rule: layer i is sparse iff it is not in mlp_only_layers and
+    (i + 1) % decoder_sparse_step == 0."""
+    step, only = int(cfg.get("decoder_sparse_step", 1) or 1), {int(i) for i in cfg.get("mlp_only_layers") or []}
+    L = int(cfg["num_hidden_layers"])
+    return tuple(i for i in range(L) if i in only or (i + 1) % step != 0)
 
 
 def _is_number(v) -> bool:
@@ -264,17 +281,15 @@ def _moe_from_hf(cfg: Mapping[str, Any], model_type: str, where: str) -> dict:
         return dict(num_experts=int(cfg["num_local_experts"]), num_experts_per_tok=int(cfg["num_experts_per_tok"]),
                     moe_ffn_hidden_size=int(cfg["intermediate_size"]), moe_norm_topk_prob=True)
     if model_type == "qwen3_moe":
-        _dense_layers_refused(cfg, where)
         # Qwen's own configs say num_experts; transformers >= 5 writes num_local_experts
         experts = cfg.get("num_experts", cfg.get("num_local_experts"))
         if experts is None:
             raise KeyError("num_experts")
         return dict(num_experts=int(experts), num_experts_per_tok=int(cfg["num_experts_per_tok"]),
                     moe_ffn_hidden_size=int(cfg["moe_intermediate_size"]),
-                    moe_norm_topk_prob=bool(cfg.get("norm_topk_prob", False)))
+                    moe_norm_topk_prob=bool(cfg.get("norm_topk_prob", False)), dense_layers=_qwen_dense_layers(cfg))
     if model_type == "qwen2_moe":
-        _dense_layers_refused(cfg, where)
-        return dict(num_experts=int(cfg["num_experts"]), num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+        return dict(dense_layers=_qwen_dense_layers(cfg),num_experts=int(cfg["num_experts"]), num_experts_per_tok=int(cfg["num_experts_per_tok"]),
                     moe_ffn_hidden_size=int(cfg["moe_intermediate_size"]),
                     moe_norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
                     shared_expert_ffn_hidden_size=int(cfg["shared_expert_intermediate_size"]),
@@ -362,11 +377,12 @@ def to_hf_config(spec: ModelSpec) -> dict:
     if spec.model_type == "qwen2_moe":
         cfg.update(num_experts=spec.num_experts, moe_intermediate_size=spec.expert_ffn,
                    shared_expert_intermediate_size=spec.shared_expert_ffn_hidden_size,
-                   norm_topk_prob=spec.moe_norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[],
-                   qkv_bias=spec.qkv_bias)
+                   norm_topk_prob=spec.moe_norm_topk_prob, decoder_sparse_step=1,
+                   mlp_only_layers=list(spec.dense_layers), qkv_bias=spec.qkv_bias)
     if spec.model_type == "qwen3_moe":
         cfg.update(num_experts=spec.num_experts, moe_intermediate_size=spec.expert_ffn,
-                   norm_topk_prob=spec.moe_norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[])
+                   norm_topk_prob=spec.moe_norm_topk_prob, decoder_sparse_step=1,
+                   mlp_only_layers=list(spec.dense_layers))
     return cfg
 
 
@@ -374,6 +390,8 @@ def hf_problems(spec: ModelSpec) -> list:
     """What transformers' class for ``spec.model_type`` cannot represent (exporting would lose it)."""
     out = []
     if spec.model_type == "mixtral":
+        if spec.dense_layers:
+            out.append("Mixtral has no dense layers")
         if spec.shared_expert_ffn_hidden_size:
             out.append("Mixtral has no shared expert")
         if spec.qkv_bias:

@@ -42,14 +42,15 @@ class SourceSlice:
     ``s_off`` may have leading dimensions the canonical tensor lacks (a stacked layer axis,
     size 1 there). ``transform`` names a row permutation the stored rows carry relative to
     the canonical ones, applied per block of ``transform[1]`` stored rows counted from row 0
-    of ``stored`` (Meta's RoPE order: ``("rope_meta_to_hf", head_dim)``).
+    of ``stored`` (Meta's RoPE order: ``("rope_meta_to_hf", head_dim)``); ``TRANSPOSE``; or
+    ``(FP8_BLOCKS, BlockScales)``: stored FP8 values dequantized by their block scales on read.
     """
 
     stored: StoredTensor
     c_off: Shape
     s_off: Shape
     size: Shape
-    transform: Optional[Tuple[str, int]] = None
+    transform: Optional[Tuple[str, object]] = None
 
 
 @dataclass
@@ -104,6 +105,19 @@ def contiguous_run(shape: Shape, offsets: Shape, sizes: Shape) -> Optional[Tuple
 
 
 TRANSPOSE = ("transpose", 0)  # a 2-D slice stored transposed (Megatron's old GroupedMLP weight1/weight2)
+
+
+@dataclass(frozen=True)
+class BlockScales:
+    """A block-scaled FP8 weight's scales (``<name>_scale_inv``, ``[ceil(R/br), ceil(C/bc)]`` fp32):
+    the value of element ``(r, c)`` is ``fp8[r, c].float() * scale[r // br, c // bc]``. As a slice's
+    ``transform`` (``(FP8_BLOCKS, BlockScales)``) it makes every read of the slice dequantize."""
+
+    scale: StoredTensor
+    block: Tuple[int, int]
+
+
+FP8_BLOCKS = "fp8_blocks"
 
 
 def stored_offset(s_off, c_delta, transform=None) -> Shape:

@@ -17,7 +17,7 @@ from typing import Dict, Optional
 import torch
 
 from ..errors import SourceError
-from ..types import (TRANSPOSE, Shape, SourceIndex, SourceSlice, StoredTensor, contiguous_run,  # noqa: F401
+from ..types import (FP8_BLOCKS, TRANSPOSE, Shape, SourceIndex, SourceSlice, StoredTensor, contiguous_run,  # noqa: F401
                      contiguous_start, stored_offset, stored_size)
 
 
@@ -146,9 +146,25 @@ def read_rect(reader, stored: StoredTensor, s_off, size, transform=None,
     if transform == TRANSPOSE:
         ssz = stored_size(size, transform)
         return reader.read(stored, s_off, (1,) * lead + ssz).reshape(ssz).t().contiguous()
+    if transform[0] == FP8_BLOCKS:
+        return dequantize_rect(reader, stored, s_off, size, transform[1])
     name, block = transform
     r0 = s_off[lead]
     a, b = r0 // block * block, -(-(r0 + size[0]) // block) * block
     off = tuple(s_off[:lead]) + (a,) + tuple(s_off[lead + 1:])
     t = reader.read(stored, off, (1,) * lead + (b - a,) + tuple(size[1:])).reshape((b - a,) + tuple(size[1:]))
     return ROW_PERMUTATIONS[name](t, block)[r0 - a:r0 - a + size[0]]
+
+
+def dequantize_rect(reader, stored: StoredTensor, s_off, size, scales) -> torch.Tensor:
+    """Rectangle ``size`` at ``s_off`` of a block-scaled FP8 weight, as float32 values:
+    ``fp8.float() * scale`` with the scale of each element's block (the rectangle's own blocks
+    of ``_scale_inv`` are read, never the whole tensor)."""
+    (r0, c0), (nr, nc), (br, bc) = s_off[-2:], size[-2:], scales.block
+    w = reader.read(stored, s_off, (1,) * (len(s_off) - 2) + (nr, nc)).reshape(nr, nc).float()
+    a, b = r0 // br, (r0 + nr - 1) // br + 1
+    c, d = c0 // bc, (c0 + nc - 1) // bc + 1
+    s = reader.read(scales.scale, (a, c), (b - a, d - c)).reshape(b - a, d - c).float()
+    s = s.repeat_interleave(br, dim=0).repeat_interleave(bc, dim=1)[r0 - a * br:r0 - a * br + nr,
+                                                                    c0 - c * bc:c0 - c * bc + nc]
+    return (w * s).reshape(size)

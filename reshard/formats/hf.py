@@ -20,6 +20,7 @@ import torch
 from .. import faults
 from ..errors import SourceError
 from ..spec import read_hf_config
+from ..types import FP8_BLOCKS, BlockScales
 from .base import RawReader, SourceIndex, SourceSlice, StoredTensor
 from .target import FileTarget
 
@@ -153,7 +154,52 @@ def read_index(path: str, iteration=None, vocab_size=None) -> SourceIndex:
             slices[key] = [SourceSlice(st, zero, zero, st.shape)]
             shapes[key] = st.shape
             dtypes[key] = st.dtype
+    _dequantize_fp8(path, spec, slices, shapes, dtypes)
     return SourceIndex(NAME, path, spec, shapes, dtypes, slices, sizes, unlisted=unlisted)
+
+
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+SCALE_SUFFIX = "_scale_inv"
+
+
+def _dequantize_fp8(path: str, spec, slices: dict, shapes: dict, dtypes: dict) -> None:
+    """Block-scaled FP8 weights (DeepSeek-V3, Kimi-K2, Qwen3-FP8: ``quantization_config`` with
+    ``quant_method: fp8`` and ``weight_block_size``): each weight's slice dequantizes as it is read
+    (``fp8.float() * <name>_scale_inv`` per block), into the checkpoint's own dtype (``torch_dtype``,
+    bf16) unless ``target.dtype`` says otherwise; the scales are consumed, not converted."""
+    fp8 = sorted(k for k, d in dtypes.items() if d in FP8)
+    if not fp8:
+        return
+    with open(os.path.join(path, "config.json")) as f:
+        q = json.load(f).get("quantization_config") or {}
+    block = q.get("weight_block_size")
+    if q.get("quant_method") != "fp8" or not (isinstance(block, list) and len(block) == 2):
+        raise SourceError(f"{path}: {len(fp8)} float8 tensor(s) ({fp8[0]}, ...) but config.json has no block-scaled "
+                          f"fp8 quantization_config (quant_method 'fp8' with weight_block_size [rows, cols]); "
+                          f"found {q or 'none'}")
+    br, bc = int(block[0]), int(block[1])
+    out_dtype = getattr(torch, spec.dtype, None) if spec.dtype not in ("float8_e4m3fn", "float8_e5m2") else None
+    out_dtype = out_dtype if isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point else torch.bfloat16
+    problems = []
+    for key in fp8:
+        sk = key + SCALE_SUFFIX
+        st = slices[key][0].stored
+        if sk not in slices:
+            problems.append(f"{key} is float8 but its scale {sk} is absent (refusing to read raw FP8 values)")
+            continue
+        sc = slices[sk][0].stored
+        want = (-(-st.shape[0] // br), -(-st.shape[1] // bc)) if len(st.shape) == 2 else None
+        if want is None or tuple(sc.shape) != want or sc.dtype not in (torch.float32, torch.bfloat16):
+            problems.append(f"{sk} has shape {tuple(sc.shape)} {str(sc.dtype)[6:]}; a {list(st.shape)} weight in "
+                            f"{br}x{bc} blocks needs {want} float32")
+            continue
+        zero = (0, 0)
+        slices[key] = [SourceSlice(st, zero, zero, st.shape, (FP8_BLOCKS, BlockScales(sc, (br, bc))))]
+        dtypes[key] = out_dtype
+        for d in (slices, shapes, dtypes):
+            del d[sk]
+    if problems:
+        raise SourceError(f"{path}: FP8 weights without usable scales:\n  - " + "\n  - ".join(problems[:20]))
 
 
 class Reader(RawReader):

@@ -181,10 +181,7 @@ def _moe_from_args(args: Any, where: str) -> Dict[str, Any]:
     E = _get(args, "num_experts")
     if not E:
         return {}
-    freq = _get(args, "moe_layer_freq", default=1)
-    if freq not in (1, "1") and not (isinstance(freq, (list, tuple)) and all(int(x) == 1 for x in freq)):
-        raise SourceError(f"{where}: moe_layer_freq={freq!r}: models that mix dense and MoE layers are not "
-                          "supported (every layer must be an MoE layer)")
+    dense = _dense_layers(_get(args, "moe_layer_freq", default=1), int(_get(args, "num_layers") or 0), where)
     shared = int(_get(args, "moe_shared_expert_intermediate_size", default=0) or 0)
     return dict(
         num_experts=int(E),
@@ -195,7 +192,41 @@ def _moe_from_args(args: Any, where: str) -> Dict[str, Any]:
         shared_expert_gate=bool(_get(args, "moe_shared_expert_gate", default=False)) and shared > 0,
         moe_expert_bias=bool(_get(args, "moe_router_enable_expert_bias", default=False)),
         moe_router_score_function=str(_get(args, "moe_router_score_function", default="softmax")),
+        dense_layers=dense,
     )
+
+
+def _dense_layers(freq: Any, L: int, where: str) -> tuple:
+    """Megatron's ``moe_layer_freq``: an int k (every k-th layer is MoE, from layer 0) or a per-layer
+    list of 1 (MoE) / 0 (dense); the command-line string form ``"([0]*3+[1]*29)"`` too."""
+    if isinstance(freq, str):
+        import ast
+
+        try:
+            freq = int(freq) if freq.strip().isdigit() else _eval_list(ast.parse(freq.strip(), mode="eval").body)
+        except (ValueError, SyntaxError):
+            raise SourceError(f"{where}: moe_layer_freq={freq!r} is neither an integer nor a list of 0/1") from None
+    if isinstance(freq, int):
+        return tuple(i for i in range(L) if i % freq != 0)
+    freq = [int(x) for x in freq]
+    if len(freq) != L or set(freq) - {0, 1}:
+        raise SourceError(f"{where}: moe_layer_freq={freq!r} must have one 0/1 per layer ({L} layers)")
+    return tuple(i for i, f in enumerate(freq) if not f)
+
+
+def _eval_list(node) -> list:
+    """A list literal, or sums and products of list literals with ints (``[0]*3+[1]*29``)."""
+    import ast
+
+    if isinstance(node, ast.List):
+        return [int(ast.literal_eval(x)) for x in node.elts]
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return _eval_list(node.left) + _eval_list(node.right)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
+        if isinstance(node.left, ast.List):
+            return _eval_list(node.left) * int(ast.literal_eval(node.right))
+        return _eval_list(node.right) * int(ast.literal_eval(node.left))
+    raise ValueError("not a list expression")
 
 
 # What Megatron's args cannot say: the HF model type (llama vs mistral: the same tensors), and

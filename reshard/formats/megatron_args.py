@@ -66,7 +66,8 @@ def make_args(spec: ModelSpec, layout: Layout, dtype: torch.dtype, ckpt_format: 
         moe_shared_expert_gate=spec.shared_expert_gate,
         moe_grouped_gemm=moe_grouped_gemm,
         moe_token_dispatcher_type="alltoall" if layout.ep > 1 else "allgather",
-        moe_layer_freq=1,
+        # Megatron's pattern: 1 = MoE layer, 0 = dense (a list makes torch_dist key every layer separately)
+        moe_layer_freq=[0 if i in spec.dense_layers else 1 for i in range(spec.num_layers)] if spec.dense_layers else 1,
         transformer_impl=transformer_impl,
         # dtype
         params_dtype=dtype,

@@ -338,7 +338,7 @@ def _file_layers(spec: ModelSpec, layout: Layout, table: MappingTable, pp: int, 
     E = spec.num_experts
     for j, i in enumerate(layout.stage_layers(spec.num_layers)[pp][v]):
         for e in table.layer:
-            if not e.applies(spec):
+            if not e.applies(spec, i):
                 continue
             if e.expert is None:
                 yield e, i, j, None

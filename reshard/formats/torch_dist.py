@@ -2,7 +2,9 @@
 (FORMATS.md §5).
 
 Keys are global and TP/PP-independent: decoder tensors are stacked on a leading layer axis
-under Transformer-Engine names; fc1 is the logical ``[W; V]``; embedding/output are padded
+under Transformer-Engine names - or, in a model that mixes dense and MoE layers, keyed per layer
+(``decoder.layers.{i}.<name>``, no layer axis) as Megatron-core writes non-homogeneous layers;
+fc1 is the logical ``[W; V]``; embedding/output are padded
 for the target TP. Each piece of the plan becomes one DCP chunk (a rectangle of the global
 tensor) written by the rank that holds it - no DTensor, no full tensor anywhere. Also
 written: ``_extra_state`` objects (``[None]``), the common state as the DCP byte entry
@@ -121,16 +123,28 @@ def read_metadata(ckpt: str):
 
 
 def _entry_lookup(spec: ModelSpec, table: MappingTable):
-    """Top-level key -> entry; layer-relative key -> ``[entry]`` (one per expert for experts).
+    """Top-level key -> entry; layer-relative key -> the ``[entry]`` groups (one entry per expert
+    for experts) it may name - a dense layer's and an MoE layer's (:func:`_group_at` picks).
     Every spelling is accepted: TE names, local-spec names, the aliases written alongside."""
     top = {e.mcore: e for e in table.top if e.applies(spec)}
     layer: Dict[str, list] = {}
     for key, entries in layer_groups(spec, table):
         e = entries[0]
-        for name in (key, e.mcore if e.expert is None else None, e.local) + tuple(e.aliases):
+        for name in dict.fromkeys((key, e.mcore if e.expert is None else None, e.local) + tuple(e.aliases)):
             if name:
-                layer.setdefault(name, entries)
+                layer.setdefault(name, []).append(entries)
     return top, layer
+
+
+def _group_at(groups: list, spec: ModelSpec, layer: Optional[int]) -> Optional[list]:
+    """The group that exists at ``layer`` (None: a stacked key, whose group must exist at every layer)."""
+    for g in groups:
+        e = g[0]
+        if layer is None and all(e.applies(spec, i) for i in range(spec.num_layers)):
+            return g
+        if layer is not None and e.applies(spec, layer):
+            return g
+    return None
 
 
 _PER_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -210,12 +224,19 @@ def _match_keys(md, spec: ModelSpec, table: MappingTable) -> Tuple[List[_Key], L
         if key.startswith(OPTIONAL_PREFIXES):
             continue  # optimizer state and RNG: not model weights, not converted
         m = _PER_LAYER.match(key)
+        stacked = key.startswith(STACK_PREFIX) and key[len(STACK_PREFIX):] in layer
+        group = (_group_at(layer[key[len(STACK_PREFIX):]], spec, None) if stacked else
+                 _group_at(layer[m.group(2)], spec, int(m.group(1))) if m and m.group(2) in layer else None)
         if key in top:
             k = _Key(key, [top[key]], [None], False, meta)
-        elif key.startswith(STACK_PREFIX) and key[len(STACK_PREFIX):] in layer:
-            k = _Key(key, layer[key[len(STACK_PREFIX):]], list(range(L)), True, meta)
-        elif m and m.group(2) in layer:
-            k = _Key(key, layer[m.group(2)], [int(m.group(1))], False, meta)
+        elif stacked and group:
+            k = _Key(key, group, list(range(L)), True, meta)
+        elif stacked and spec.mixed_layers:
+            problems.append(f"{key} is stacked over all layers, but layers {list(spec.dense_layers)} are dense "
+                            "and the others MoE")
+            continue
+        elif group and int(m.group(1)) < L:
+            k = _Key(key, group, [int(m.group(1))], False, meta)
         else:
             problems.append(f"unknown tensor {key} (refusing to drop it silently)")
             continue
@@ -325,9 +346,9 @@ def stored(path: str) -> list:
 
 # ------------------------------------------------------------------------- target tensors
 
-def _placements(entry, spec, layout, layer: Optional[int]) -> List[Placement]:
+def _placements(entry, spec, layout, layer: Optional[int], stacked: bool = True) -> List[Placement]:
     out = []
-    lead = (() if layer is None else (layer,)) + (() if entry.expert is None else (entry.expert,))
+    lead = (() if layer is None or not stacked else (layer,)) + (() if entry.expert is None else (entry.expert,))
     for seg in entry.segments(spec, layout):
         name = entry.parts()[seg.part]
         name = name.format(i=layer) if layer is not None else name
@@ -341,11 +362,11 @@ def _placements(entry, spec, layout, layer: Optional[int]) -> List[Placement]:
 def layer_groups(spec: ModelSpec, table: MappingTable) -> List[tuple]:
     """``(dist key, [entries])`` of the stacked layer tensors: one entry, or one per expert
     (``[L, E, ...]``), in table order."""
-    groups: Dict[str, list] = {}
+    groups: Dict[tuple, list] = {}
     for e in table.layer:
         if e.applies(spec):
-            groups.setdefault(e.dist_key, []).append(e)
-    return list(groups.items())
+            groups.setdefault((e.dist_key, e.layers), []).append(e)
+    return [(key, entries) for (key, _), entries in groups.items()]
 
 
 def targets(spec: ModelSpec, layout: Layout, table: MappingTable,
@@ -360,12 +381,22 @@ def targets(spec: ModelSpec, layout: Layout, table: MappingTable,
                                     rule=e.tp_rule))
     for dist_key, entries in layer_groups(spec, table):
         e = entries[0]
+        experts = (spec.num_experts,) if e.expert is not None else ()
+        if spec.mixed_layers:  # per-layer keys, no layer axis (Megatron-core's non-homogeneous layers)
+            for i in range(spec.num_layers):
+                if not e.applies(spec, i):
+                    continue
+                pls = [p for x in entries for p in _placements(x, spec, layout, i, stacked=False)]
+                for key in dict.fromkeys((dist_key,) + tuple(e.aliases)):
+                    key = f"{STACK_PREFIX}{i}.{key}"
+                    out.append(TargetTensor(key, experts + e.shape(spec, layout), _one_dtype(pls, dtype_of, key),
+                                            pls, rule=e.tp_rule))
+            continue
         pls = [p for i in range(spec.num_layers) for x in entries for p in _placements(x, spec, layout, i)]
-        lead = (spec.num_layers,) + ((spec.num_experts,) if e.expert is not None else ())
         for key in (dist_key,) + tuple(e.aliases):
             key = STACK_PREFIX + key
-            out.append(TargetTensor(key, lead + e.shape(spec, layout), _one_dtype(pls, dtype_of, key), pls,
-                                    rule=e.tp_rule))
+            out.append(TargetTensor(key, (spec.num_layers,) + experts + e.shape(spec, layout),
+                                    _one_dtype(pls, dtype_of, key), pls, rule=e.tp_rule))
     return out
 
 
@@ -383,7 +414,11 @@ def extra_state_keys(spec: ModelSpec, table: MappingTable) -> List[str]:
     for e in table.layer:
         if not (e.extra_state and e.applies(spec)):
             continue
-        if e.expert is None:
+        if spec.mixed_layers:  # per layer: /shard_0_1, experts /shard_{e}_{E}
+            module = e.extra_state if e.expert is None else e.dist_key.rsplit(".", 1)[0]
+            shard = "0_1" if e.expert is None else f"{e.expert}_{E}"
+            out += [f"{STACK_PREFIX}{i}.{module}._extra_state/shard_{shard}" for i in range(L) if e.applies(spec, i)]
+        elif e.expert is None:
             out += [f"{STACK_PREFIX}{e.extra_state}._extra_state/shard_{i}_{L}" for i in range(L)]
         else:  # experts: one object per (layer, expert)
             module = e.dist_key.rsplit(".", 1)[0]
@@ -406,12 +441,15 @@ def layout_writers(spec: ModelSpec, layout: Layout, world: int):
     def writers(piece: Piece, t: TargetTensor) -> Tuple[int, ...]:
         lead = len(piece.dst_off) - len(piece.size)
         row = piece.dst_off[lead]
-        if t.key.startswith(STACK_PREFIX):
-            pp = stage[piece.dst_off[0]]
+        per_layer = _PER_LAYER.match(t.key)
+        if per_layer:  # decoder.layers.{i}.<name>: [E, ...] or the layer's own tensor
+            pp, layer_axes = stage[int(per_layer.group(1))], 0
+        elif t.key.startswith(STACK_PREFIX):  # [L, ...] or [L, E, ...]
+            pp, layer_axes = stage[piece.dst_off[0]], 1
         else:
-            pp = 0 if t.key.startswith("embedding.") else layout.pp - 1
+            pp, layer_axes = (0 if t.key.startswith("embedding.") else layout.pp - 1), 0
         rows = t.shape[lead]
-        expert = lead == 2  # [L, E, ...]
+        expert = lead - layer_axes == 1
         n = etp if expert else layout.tp
         if t.rule in ("column", "qkv", "vocab"):
             tp = row * n // rows
@@ -420,7 +458,7 @@ def layout_writers(spec: ModelSpec, layout: Layout, world: int):
         else:
             tp = 0
         if expert:
-            tp += layout.expert_rank(piece.dst_off[1], E)[0] * etp
+            tp += layout.expert_rank(piece.dst_off[layer_axes], E)[0] * etp
         return ((pp * S + tp) % world,)
 
     return writers

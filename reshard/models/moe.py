@@ -12,16 +12,21 @@ The MoE layer's pre-MLP norm is its own module: ``pre_mlp_layernorm.weight`` und
 ``mlp.linear_fc1.layer_norm_weight`` in torch_dist from the local spec - written under both.
 """
 
+import dataclasses
+
 from ..mapping import GatedMLP, MappingTable, Replicated, Row
 from . import llama
 
 _L = "model.layers.{i}."
 _ATTENTION = tuple(e for e in llama.TABLE.layer if not e.mcore.startswith("mlp."))
+# A dense layer of a mixed model (spec.dense_layers): the Llama MLP, its norm fused into fc1 under the TE
+# spec (mlp.linear_fc1.layer_norm_weight), pre_mlp_layernorm under the local spec, as Megatron-core builds it
+_DENSE = tuple(dataclasses.replace(e, layers="dense") for e in llama.TABLE.layer if e.mcore.startswith("mlp."))
 _EXP = "mlp.experts.local_experts.{j}."
 
 
 def _moe_block(router: str, expert: str, gate: str, up: str, down: str, shared: tuple = ()) -> tuple:
-    return (
+    return _DENSE + tuple(dataclasses.replace(e, layers="moe") for e in (
         Replicated(mcore="pre_mlp_layernorm.weight", aliases=("mlp.linear_fc1.layer_norm_weight",),
                    hf=_L + "post_attention_layernorm.weight", dims=("hidden",)),
         Replicated(mcore="mlp.router.weight", hf=router + ".weight", dims=("experts", "hidden")),
@@ -33,7 +38,7 @@ def _moe_block(router: str, expert: str, gate: str, up: str, down: str, shared: 
         Row(mcore=_EXP + "linear_fc2.weight", dist="mlp.experts.experts.linear_fc2.weight",
             grouped="mlp.experts.linear_fc2.weight{j}", extra_state=_EXP + "linear_fc2", is_expert=True,
             hf=expert + down, dims=("hidden", "moe_ffn")),
-    ) + shared
+    ) + shared)
 
 
 MIXTRAL = MappingTable(

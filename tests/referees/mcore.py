@@ -59,6 +59,8 @@ def moe_config(spec: dict, ep: int, etp=None) -> dict:
         moe_grouped_gemm=False,
         moe_router_load_balancing_type="none",
     )
+    if spec.get("dense_layers"):  # a per-layer pattern: 1 = MoE, 0 = dense
+        out["moe_layer_freq"] = [0 if i in spec["dense_layers"] else 1 for i in range(spec["num_layers"])]
     if spec.get("shared_expert_ffn_hidden_size"):
         out.update(moe_shared_expert_intermediate_size=spec["shared_expert_ffn_hidden_size"],
                    moe_shared_expert_gate=bool(spec.get("shared_expert_gate")))
@@ -103,18 +105,23 @@ def build_gpt(spec: dict, tp: int, pp: int, padded_vocab: int, dtype=torch.float
     """A GPTModel (local spec) for this rank's TP/PP position."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 
     patch_cuda_for_cpu()
     init_model_parallel(tp, pp, ep, etp)
     cfg = transformer_config(spec, tp, pp, dtype, ep, etp)
+    qk = spec["model_type"] in ("qwen3", "qwen3_moe")
+    if spec.get("dense_layers"):  # dense and MoE layers: Megatron's block spec from moe_layer_freq
+        layer_spec = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False,
+                                                pp_rank=parallel_state.get_pipeline_model_parallel_rank())
+    else:
+        layer_spec = get_gpt_layer_local_spec(num_experts=spec.get("num_experts") or None, moe_grouped_gemm=False,
+                                              qk_layernorm=qk)
     with warnings.catch_warnings(), tensor_cuda_is_identity():
         warnings.simplefilter("ignore")
         model = GPTModel(
             config=cfg,
-            transformer_layer_spec=get_gpt_layer_local_spec(
-                num_experts=spec.get("num_experts") or None, moe_grouped_gemm=False,
-                qk_layernorm=spec["model_type"] in ("qwen3", "qwen3_moe")),
+            transformer_layer_spec=layer_spec,
             vocab_size=padded_vocab,
             max_sequence_length=spec.get("max_position_embeddings", 4096),
             pre_process=parallel_state.is_pipeline_first_stage(),
