@@ -48,6 +48,7 @@ test: setup slurm-deps
 bench: setup
 	$(PY) benchmarks/bench_plan.py --dry-run
 	$(PY) benchmarks/bench_plan.py --moe
+	$(PY) benchmarks/bench_plan.py --deepseek
 	# HF -> torch_dist, legacy -> legacy, torch_dist -> HF, HF -> Meta against cp -r + sync and the
 	# single-process pattern, with ratios (add --cases moe for the MoE import)
 	$(PY) benchmarks/bench_all.py

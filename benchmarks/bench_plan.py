@@ -3,8 +3,10 @@ at 1,024 simulated ranks into TP=8 PP=16, on one process - time and memory.
 
     python benchmarks/bench_plan.py [--preset llama3.1_405b] [--world 1024] [--tp 8] [--pp 16] [--files 191]
                                     [--first 7 --last 7]
-    python benchmarks/bench_plan.py --moe     # a Qwen3-235B-A22B-shaped MoE index (94 layers, 128
-                                              # experts, 4096 hidden, expert ffn 1536) into TP=4 PP=8 EP=32
+    python benchmarks/bench_plan.py --moe     # the Qwen3-235B-A22B index (94 layers, 128 experts) into
+                                              # TP=4 PP=8 EP=32
+    python benchmarks/bench_plan.py --deepseek  # the DeepSeek-V3 (671B) index: per-layer keys (3 dense
+                                                # layers, then MoE), 256 experts, into TP=8 PP=16 EP=64
 """
 
 import argparse
@@ -20,14 +22,7 @@ from reshard.layout import Layout  # noqa: E402
 from reshard.models import table_for  # noqa: E402
 from reshard.plan import build_plan, check_coverage  # noqa: E402
 from reshard.progress import peak_rss_mb  # noqa: E402
-from reshard.spec import ModelSpec  # noqa: E402
 from reshard.synthetic import fake_hf_index, load_preset  # noqa: E402
-
-# Qwen3-235B-A22B's shapes (its q/k norms - 2 x 128 values per layer - are not modelled here).
-QWEN3_235B_SHAPE = ModelSpec(
-    model_type="mixtral", num_layers=94, hidden_size=4096, num_attention_heads=64, num_query_groups=4,
-    head_dim=128, ffn_hidden_size=12288, vocab_size=151936, num_experts=128, moe_ffn_hidden_size=1536,
-    num_experts_per_tok=8, rope_theta=1e6, max_position_embeddings=40960, name="qwen3_235b_a22b_shape")
 
 
 def main():
@@ -44,13 +39,17 @@ def main():
     ap.add_argument("--ep", type=int, default=1)
     ap.add_argument("--moe", action="store_true",
                     help="Qwen3-235B-shaped MoE index into TP=4 PP=8 EP=32 (first/last stage 11/11 layers)")
+    ap.add_argument("--deepseek", action="store_true",
+                    help="DeepSeek-V3 index into TP=8 PP=16 EP=64 (first/last stage 3/2 layers)")
     ap.add_argument("--dry-run", action="store_true", help="also print the dry-run report of this plan")
     a = ap.parse_args()
     if a.moe:  # 94 layers on 8 stages: 11 on the first and last, 12 on each of the 6 others
-        a.preset, a.tp, a.pp, a.ep, a.first, a.last, a.files = "qwen3_235b_a22b_shape", 4, 8, 32, 11, 11, 118
+        a.preset, a.tp, a.pp, a.ep, a.first, a.last, a.files = "qwen3_235b_a22b", 4, 8, 32, 11, 11, 118
+    if a.deepseek:  # 61 layers on 16 stages: 3 on the first, 2 on the last, 4 on each of the 14 others
+        a.preset, a.tp, a.pp, a.ep, a.first, a.last, a.files = "deepseek_v3", 8, 16, 64, 3, 2, 163
     rss0 = peak_rss_mb()
     t0 = time.perf_counter()
-    spec = QWEN3_235B_SHAPE if a.moe else load_preset(a.preset)
+    spec = load_preset(a.preset)
     index = fake_hf_index(spec, a.files)
     index_s = time.perf_counter() - t0
     layout = Layout(tp=a.tp, pp=a.pp, ep=a.ep, first_stage_layers=a.first, last_stage_layers=a.last)

@@ -126,6 +126,15 @@ class ModelConfig:
     moe_expert_bias: Optional[bool] = None
     moe_router_score_function: Optional[str] = None
     dense_layers: Optional[List[int]] = None
+    q_lora_rank: Optional[int] = None
+    kv_lora_rank: Optional[int] = None
+    qk_nope_head_dim: Optional[int] = None
+    qk_rope_head_dim: Optional[int] = None
+    v_head_dim: Optional[int] = None
+    moe_router_num_groups: Optional[int] = None
+    moe_router_group_topk: Optional[int] = None
+    moe_router_topk_scaling_factor: Optional[float] = None
+    mtp_layers: Optional[int] = None
 
 
 @dataclass

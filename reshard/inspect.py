@@ -67,6 +67,16 @@ def format_text(info: dict) -> str:
             lines.append(f"experts: {a['num_experts']} per layer, top-{a['num_experts_per_tok']}, expert ffn "
                          f"{a.get('moe_ffn_hidden_size') or a['ffn_hidden_size']}{shared}"
                          + (", router expert bias" if a.get("moe_expert_bias") else ""))
+            if a.get("dense_layers"):
+                lines.append(f"dense layers: {list(a['dense_layers'])} (the others MoE)")
+            if a.get("moe_router_num_groups"):
+                lines.append(f"routing: {a.get('moe_router_score_function')}, best {a['moe_router_group_topk']} of "
+                             f"{a['moe_router_num_groups']} groups, x{a.get('moe_router_topk_scaling_factor')}")
+        if a.get("kv_lora_rank"):
+            lines.append(f"multi-latent attention: q_lora {a.get('q_lora_rank')}, kv_lora {a['kv_lora_rank']}, "
+                         f"q/k head {a['qk_nope_head_dim']} + {a['qk_rope_head_dim']} rope, v head {a['v_head_dim']}")
+        if a.get("mtp_layers"):
+            lines.append(f"multi-token prediction: {a['mtp_layers']} layer(s) in the source's config (not converted)")
     lay = info.get("layout")
     if lay:
         lines.append("layout: " + ", ".join(f"{k}={v}" for k, v in lay.items() if v is not None))

@@ -34,6 +34,13 @@ def dims(spec: ModelSpec) -> Dict[str, int]:
         "q_rows": spec.num_attention_heads * spec.head_dim,
         "kv_rows": spec.num_query_groups * spec.head_dim,
         "head_dim": spec.head_dim,
+        # multi-latent attention
+        "q_lora": spec.q_lora_rank or 0,
+        "kv_lora": spec.kv_lora_rank,
+        "kv_down": spec.kv_lora_rank + spec.qk_rope_head_dim,  # [c_kv; k_rope] rows of kv_a_proj_with_mqa
+        "q_up": spec.num_attention_heads * (spec.qk_nope_head_dim + spec.qk_rope_head_dim),
+        "kv_up": spec.num_attention_heads * (spec.qk_nope_head_dim + spec.v_head_dim),
+        "v_rows": spec.num_attention_heads * spec.v_head_dim,
         "experts": spec.num_experts,
         "moe_ffn": spec.expert_ffn,
         "shared_ffn": spec.shared_expert_ffn_hidden_size,
@@ -59,6 +66,9 @@ class Entry:
     is_expert: bool = False
     # in a model mixing dense and MoE layers: "dense" or "moe" (the layers it exists in); None: every layer
     layers: Optional[str] = None
+    # the TP rule of this tensor in a local-spec (transformer_impl=local) legacy file when it differs: MLA's
+    # down-projections are TE "duplicated" linears (replicated) but local ColumnParallelLinears (split rows)
+    local_tp_rule: Optional[str] = None
 
     tp_rule: ClassVar[str] = ""
 
@@ -71,6 +81,13 @@ class Entry:
         changes = {f.name: getattr(self, f.name).replace("{e}", str(e)) for f in dataclasses.fields(self)
                    if isinstance(getattr(self, f.name), str) and "{e}" in getattr(self, f.name)}
         return dataclasses.replace(self, expert=e, **changes)
+
+    def under(self, impl: str) -> "Entry":
+        """This entry with the TP rule it has in a legacy file written by ``impl``."""
+        if impl != "local" or not self.local_tp_rule:
+            return self
+        cls = {"column": Column, "replicated": Replicated}[self.local_tp_rule]
+        return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
     def megatron_name(self, local_expert: Optional[int] = None, grouped: bool = False,
                       impl: str = "transformer_engine") -> str:
@@ -117,6 +134,10 @@ class Entry:
             return not spec.tie_word_embeddings
         if self.when == "qk_norm":
             return spec.qk_norm
+        if self.when == "q_lora":
+            return spec.q_lora_rank is not None
+        if self.when == "no_q_lora":
+            return spec.q_lora_rank is None
         if self.when == "shared_expert":
             return spec.shared_expert_ffn_hidden_size > 0
         if self.when == "shared_gate":

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -68,6 +69,11 @@ def preset_spec(model_cfg) -> Optional[ModelSpec]:
     return ModelSpec.from_dict({k: v for k, v in d.items() if v is not None or k == "name"})
 
 
+def _layer_of(name: str):
+    m = re.match(r"^model\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
 def check_source(index, table, spec: ModelSpec) -> None:
     """Every source tensor known, every needed one present, every shape as the spec says."""
     wanted = table.canonical_names(spec)
@@ -87,6 +93,13 @@ def check_source(index, table, spec: ModelSpec) -> None:
         if experts:
             problems.append(f"missing experts ({len(experts)}): "
                             + _few([f"layer {i} expert {e}" for i, e in experts]))
+    mtp = [n for n in unknown if _layer_of(n) is not None and _layer_of(n) >= spec.num_layers]
+    if mtp:
+        layers = sorted({_layer_of(n) for n in mtp})
+        problems.append(f"multi-token-prediction layer(s) {layers} (num_nextn_predict_layers={spec.mtp_layers}, "
+                        f"{len(mtp)} tensors, e.g. {_few(mtp)}) are not converted by this version; refusing to drop "
+                        "them silently (remove them from the source, or from its index, to convert the main model)")
+        unknown = [n for n in unknown if n not in set(mtp)]
     if unknown:
         problems.append(f"{len(unknown)} tensor(s) this architecture does not have (refusing to drop them "
                         f"silently): {_few(unknown)}")

@@ -22,11 +22,11 @@ log = logging.getLogger(__name__)
 # Qwen3 is the Llama table with per-head q/k norms; Qwen3-MoE the Qwen2-MoE table without the
 # shared expert (its entries apply only when the spec has one).
 MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
-               "mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen2_moe"}
+               "mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen2_moe", "deepseek_v3": "deepseek_v3"}
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                 "qwen3_moe": "Qwen3MoeForCausalLM"}
-MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 # Families with an RMSNorm over each head's query and key (``self_attn.q_norm`` / ``k_norm``, ``[head_dim]``,
 # one norm shared by all heads) - Megatron-core's ``qk_layernorm=True``.
 QK_NORM_TYPES = ("qwen3", "qwen3_moe")
@@ -37,10 +37,12 @@ STRUCTURAL_FIELDS = (
     "head_dim", "ffn_hidden_size", "vocab_size", "norm_eps", "rope_theta", "rope_scaling",
     "tie_word_embeddings", "qkv_bias", "num_experts", "moe_ffn_hidden_size", "num_experts_per_tok",
     "moe_norm_topk_prob", "shared_expert_ffn_hidden_size", "shared_expert_gate", "moe_expert_bias",
-    "moe_router_score_function", "dense_layers",
+    "moe_router_score_function", "dense_layers", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+    "qk_rope_head_dim", "v_head_dim", "moe_router_num_groups", "moe_router_group_topk",
+    "moe_router_topk_scaling_factor",
 )
 # Fields that are carried through but do not change any tensor: a mismatch is a warning.
-INFORMATIONAL_FIELDS = ("max_position_embeddings", "sliding_window", "dtype")
+INFORMATIONAL_FIELDS = ("max_position_embeddings", "sliding_window", "dtype", "mtp_layers")
 
 
 @dataclass(frozen=True)
@@ -75,11 +77,27 @@ class ModelSpec:
     # layers of a mixture-of-experts model whose MLP is a dense SwiGLU of ffn_hidden_size (HF Qwen-MoE
     # mlp_only_layers / decoder_sparse_step, Megatron moe_layer_freq as a list); () = every layer MoE
     dense_layers: Tuple[int, ...] = ()
+    # multi-latent attention (DeepSeek-V3; kv_lora_rank 0: none). head_dim = qk_nope + qk_rope there.
+    q_lora_rank: Optional[int] = None  # None: q_proj straight from the hidden state (V2-Lite shape)
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    # group-limited routing (DeepSeek-V3: the top experts of the best topk_group of n_group groups),
+    # and the factor on the routed experts' output (routed_scaling_factor)
+    moe_router_num_groups: int = 0
+    moe_router_group_topk: int = 0
+    moe_router_topk_scaling_factor: float = 1.0
+    mtp_layers: int = 0  # multi-token-prediction layers the model was trained with (not converted)
     name: Optional[str] = field(default=None, compare=False)
 
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank > 0
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.num_experts > 0 and layer not in self.dense_layers
@@ -132,7 +150,7 @@ class ModelSpec:
         if missing:
             raise ConfigError(f"model spec is missing required fields {missing}")
         d = {k: v for k, v in d.items()
-             if v is not None or k in ("rope_scaling", "sliding_window", "name", "moe_ffn_hidden_size")}
+             if v is not None or k in ("rope_scaling", "sliding_window", "name", "moe_ffn_hidden_size", "q_lora_rank")}
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = _freeze(d["rope_scaling"])
         if d.get("dense_layers") is not None:
@@ -169,6 +187,14 @@ class ModelSpec:
         if self.dense_layers and (not self.num_experts or bad or len(set(self.dense_layers)) == self.num_layers):
             problems.append(f"dense_layers={list(self.dense_layers)} must name some, not all, of the "
                             f"{self.num_layers} layers of a mixture-of-experts model")
+        if self.model_type == "deepseek_v3":
+            dims = (self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim)
+            if min(dims) <= 0 or self.head_dim != self.qk_nope_head_dim + self.qk_rope_head_dim:
+                problems.append(f"deepseek_v3 uses multi-latent attention: kv_lora_rank, qk_nope_head_dim, "
+                                f"qk_rope_head_dim, v_head_dim must be positive (got {dims}) and head_dim = "
+                                f"qk_nope + qk_rope (got {self.head_dim})")
+        elif self.kv_lora_rank:
+            problems.append(f"kv_lora_rank={self.kv_lora_rank}: multi-latent attention is deepseek_v3's")
         if self.model_type == "qwen3_moe" and self.shared_expert_ffn_hidden_size:
             problems.append("qwen3_moe has no shared expert: shared_expert_ffn_hidden_size must be 0")
         if self.model_type == "qwen2_moe" and not (self.shared_expert_ffn_hidden_size and self.shared_expert_gate):
@@ -221,13 +247,14 @@ def spec_from_hf_config(cfg: Mapping[str, Any], where: str = "config.json") -> M
         if rope_scaling is None and rope_params:
             rope_scaling = rope_params
         dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+        extra = _moe_from_hf(cfg, model_type, where)
         spec = ModelSpec(
             model_type=model_type,
             num_layers=int(cfg["num_hidden_layers"]),
             hidden_size=h,
             num_attention_heads=nh,
             num_query_groups=int(cfg.get("num_key_value_heads") or nh),
-            head_dim=int(cfg.get("head_dim") or h // nh),
+            head_dim=int(extra.pop("head_dim", None) or cfg.get("head_dim") or h // nh),
             ffn_hidden_size=int(cfg["intermediate_size"]),
             vocab_size=int(cfg["vocab_size"]),
             norm_eps=float(cfg.get("rms_norm_eps", 1e-6 if model_type.startswith("qwen") else 1e-5)),
@@ -238,7 +265,7 @@ def spec_from_hf_config(cfg: Mapping[str, Any], where: str = "config.json") -> M
             qkv_bias=model_type in ("qwen2", "qwen2_moe") or bool(cfg.get("attention_bias", False)),
             sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
             dtype=str(dtype).replace("torch.", ""),
-            **_moe_from_hf(cfg, model_type, where),
+            **extra,
         )
     except KeyError as e:
         raise SourceError(f"{where}: required field {e.args[0]!r} is missing") from None
@@ -276,7 +303,32 @@ def _is_number(v) -> bool:
         return False
 
 
+def _deepseek_from_hf(cfg: Mapping[str, Any]) -> dict:
+    """DeepSeek-V3 (and Kimi-K2, Moonlight): multi-latent attention, group-limited sigmoid routing with
+    a score-correction bias, shared experts, the first first_k_dense_replace layers dense. HF's
+    ``head_dim`` there is the rope part only; ours is the q/k head (nope + rope)."""
+    L, k = int(cfg["num_hidden_layers"]), int(cfg.get("first_k_dense_replace", 0) or 0)
+    freq = int(cfg.get("moe_layer_freq", 1) or 1)
+    moe_ffn, shared = int(cfg["moe_intermediate_size"]), int(cfg.get("n_shared_experts") or 0)
+    nope, rope = int(cfg["qk_nope_head_dim"]), int(cfg["qk_rope_head_dim"])
+    q_lora = cfg.get("q_lora_rank")
+    return dict(
+        num_experts=int(cfg["n_routed_experts"]), num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+        moe_ffn_hidden_size=moe_ffn, moe_norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+        shared_expert_ffn_hidden_size=moe_ffn * shared,
+        moe_expert_bias=cfg.get("topk_method", "noaux_tc") == "noaux_tc", moe_router_score_function="sigmoid",
+        moe_router_num_groups=int(cfg.get("n_group") or 0), moe_router_group_topk=int(cfg.get("topk_group") or 0),
+        moe_router_topk_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+        dense_layers=tuple(i for i in range(L) if i < k or i % freq != 0),
+        q_lora_rank=int(q_lora) if q_lora else None, kv_lora_rank=int(cfg["kv_lora_rank"]),
+        qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=int(cfg["v_head_dim"]), head_dim=nope + rope,
+        mtp_layers=int(cfg.get("num_nextn_predict_layers") or 0),
+    )
+
+
 def _moe_from_hf(cfg: Mapping[str, Any], model_type: str, where: str) -> dict:
+    if model_type == "deepseek_v3":
+        return _deepseek_from_hf(cfg)
     if model_type == "mixtral":
         return dict(num_experts=int(cfg["num_local_experts"]), num_experts_per_tok=int(cfg["num_experts_per_tok"]),
                     moe_ffn_hidden_size=int(cfg["intermediate_size"]), moe_norm_topk_prob=True)
@@ -379,6 +431,17 @@ def to_hf_config(spec: ModelSpec) -> dict:
                    shared_expert_intermediate_size=spec.shared_expert_ffn_hidden_size,
                    norm_topk_prob=spec.moe_norm_topk_prob, decoder_sparse_step=1,
                    mlp_only_layers=list(spec.dense_layers), qkv_bias=spec.qkv_bias)
+    if spec.model_type == "deepseek_v3":
+        k = next((i for i in range(spec.num_layers) if spec.is_moe_layer(i)), spec.num_layers)
+        cfg.update(head_dim=spec.qk_rope_head_dim, qk_head_dim=spec.head_dim, q_lora_rank=spec.q_lora_rank,
+                   kv_lora_rank=spec.kv_lora_rank, qk_nope_head_dim=spec.qk_nope_head_dim,
+                   qk_rope_head_dim=spec.qk_rope_head_dim, v_head_dim=spec.v_head_dim,
+                   n_routed_experts=spec.num_experts, moe_intermediate_size=spec.expert_ffn,
+                   n_shared_experts=spec.shared_expert_ffn_hidden_size // spec.expert_ffn,
+                   norm_topk_prob=spec.moe_norm_topk_prob, n_group=spec.moe_router_num_groups or 1,
+                   topk_group=spec.moe_router_group_topk or 1, routed_scaling_factor=spec.moe_router_topk_scaling_factor,
+                   first_k_dense_replace=k, moe_layer_freq=1, topk_method="noaux_tc", rope_interleave=True,
+                   num_nextn_predict_layers=0, attention_bias=spec.qkv_bias)
     if spec.model_type == "qwen3_moe":
         cfg.update(num_experts=spec.num_experts, moe_intermediate_size=spec.expert_ffn,
                    norm_topk_prob=spec.moe_norm_topk_prob, decoder_sparse_step=1,
@@ -400,6 +463,15 @@ def hf_problems(spec: ModelSpec) -> list:
             out.append("Mixtral always renormalises the top-k router probabilities")
     if spec.model_type == "qwen3_moe" and spec.shared_expert_ffn_hidden_size:
         out.append("Qwen3-MoE has no shared expert")
+    if spec.model_type == "deepseek_v3":
+        k = next((i for i in range(spec.num_layers) if spec.is_moe_layer(i)), spec.num_layers)
+        if spec.dense_layers != tuple(range(k)):
+            out.append(f"DeepSeek-V3's dense layers are its first first_k_dense_replace; these are {spec.dense_layers}")
+        if spec.shared_expert_gate or spec.shared_expert_ffn_hidden_size % spec.expert_ffn:
+            out.append("DeepSeek-V3's shared experts are ungated multiples of moe_intermediate_size")
+        if not spec.moe_expert_bias or spec.moe_router_score_function != "sigmoid":
+            out.append("DeepSeek-V3 routes with sigmoid scores and a score-correction bias")
+        return out
     if spec.moe_expert_bias:
         out.append(f"{spec.architecture} has no router expert bias")
     if spec.is_moe and spec.moe_router_score_function != "softmax":

@@ -61,6 +61,9 @@ def save_transformers_model(preset: str, out: str, max_shard_size: str = "60KB",
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
+        for name, b in model.named_buffers():  # DeepSeek-V3's router score correction: a buffer, zero at init
+            if name.endswith("e_score_correction_bias"):
+                b.add_(torch.randn_like(b) * 0.1)
     model.save_pretrained(out, max_shard_size=max_shard_size)
     return out
 

@@ -23,7 +23,8 @@ BLOCK = (24, 40)
 
 
 def quantize(src: str, dst: str, block=BLOCK, drop_scale=None) -> dict:
-    """Write ``dst``: ``src`` with every ``*proj.weight`` in FP8 plus its ``_scale_inv``; returns the
+    """Write ``dst``: ``src`` with every linear weight in FP8 plus its ``_scale_inv`` (as the published
+    DeepSeek-V3 weights: not the embedding, the output layer, the norms or the router); returns the
     dequantized value of every tensor (float32)."""
     os.makedirs(dst)
     br, bc = block
@@ -36,7 +37,7 @@ def quantize(src: str, dst: str, block=BLOCK, drop_scale=None) -> dict:
             continue
         out = {}
         for k, w in load_file(p).items():
-            if k.endswith("proj.weight"):
+            if w.dim() == 2 and not any(x in k for x in ("embed_tokens", "lm_head", "norm", "mlp.gate.")):
                 R, C = w.shape
                 nr, nc = -(-R // br), -(-C // bc)
                 pad = torch.zeros(nr * br, nc * bc)

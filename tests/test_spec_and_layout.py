@@ -30,6 +30,9 @@ PARAMS = {
     "qwen3_0.6b": 596_049_920, "qwen3_1.7b": 1_720_574_976, "qwen3_4b": 4_022_468_096,
     "qwen3_8b": 8_190_735_360, "qwen3_14b": 14_768_307_200, "qwen3_32b": 32_762_123_264,
     "qwen3_30b_a3b": 30_532_122_624, "qwen3_235b_a22b": 235_093_634_560,
+    # DeepSeek-V3's main model (its card: 671B, plus a 14B multi-token-prediction module not counted here);
+    # Moonlight-16B-A3B: its card's 16B total
+    "deepseek_v3": 671_026_419_200, "moonlight_16b_a3b": 15_960_110_208,
 }
 
 

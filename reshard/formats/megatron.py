@@ -145,7 +145,11 @@ def spec_from_args(args: Any, where: str, vocab_size: Optional[int] = None) -> M
                         "original_max_position_embeddings": 8192}
     dtype = "bfloat16" if _get(args, "bf16") else "float16" if _get(args, "fp16") else "float32"
     qk_norm = bool(_get(args, "qk_layernorm", default=False))
-    if moe and qk_norm:
+    mla = _mla_from_args(args) if _get(args, "multi_latent_attention", default=False) else {}
+    if mla:
+        model_type = "deepseek_v3"
+        rope_scaling = mla.pop("rope_scaling")
+    elif moe and qk_norm:
         if moe.get("shared_expert_ffn_hidden_size"):
             raise SourceError(f"{where}: args say qk_layernorm=True with a shared expert; no supported family has "
                               "both (Qwen3-MoE has q/k norms and no shared expert)")
@@ -160,7 +164,7 @@ def spec_from_args(args: Any, where: str, vocab_size: Optional[int] = None) -> M
         hidden_size=h,
         num_attention_heads=nh,
         num_query_groups=ng,
-        head_dim=int(_get(args, "kv_channels") or h // nh),
+        head_dim=mla.pop("head_dim", None) or int(_get(args, "kv_channels") or h // nh),
         ffn_hidden_size=int(_get(args, "ffn_hidden_size") or 4 * h),
         vocab_size=int(true_vocab),
         norm_eps=float(_get(args, "norm_epsilon", "layernorm_epsilon", default=1e-5)),
@@ -171,6 +175,7 @@ def spec_from_args(args: Any, where: str, vocab_size: Optional[int] = None) -> M
         qkv_bias=qkv_bias,
         dtype=dtype,
         **moe,
+        **mla,
     )
     log.info("%s: architecture from Megatron args (model_type %s guessed from the tensors' shape rules; "
              "pass +model=<preset> to name it)", where, d["model_type"])
@@ -192,8 +197,26 @@ def _moe_from_args(args: Any, where: str) -> Dict[str, Any]:
         shared_expert_gate=bool(_get(args, "moe_shared_expert_gate", default=False)) and shared > 0,
         moe_expert_bias=bool(_get(args, "moe_router_enable_expert_bias", default=False)),
         moe_router_score_function=str(_get(args, "moe_router_score_function", default="softmax")),
+        moe_router_num_groups=int(_get(args, "moe_router_num_groups") or 0),
+        moe_router_group_topk=int(_get(args, "moe_router_group_topk") or 0),
+        moe_router_topk_scaling_factor=float(_get(args, "moe_router_topk_scaling_factor") or 1.0),
         dense_layers=dense,
     )
+
+
+def _mla_from_args(args: Any) -> Dict[str, Any]:
+    nope, rope = int(_get(args, "qk_head_dim", default=128)), int(_get(args, "qk_pos_emb_head_dim", default=64))
+    q_lora = _get(args, "q_lora_rank")
+    rs = None
+    if _get(args, "rope_type", default="yarn") == "yarn":
+        rs = {"rope_type": "yarn", "factor": float(_get(args, "rotary_scaling_factor", default=40.0)),
+              "mscale": float(_get(args, "mscale", default=1.0)),
+              "mscale_all_dim": float(_get(args, "mscale_all_dim", default=0.0)),
+              "original_max_position_embeddings": int(_get(args, "original_max_position_embeddings", default=4096)),
+              "beta_fast": float(_get(args, "beta_fast", default=32)), "beta_slow": float(_get(args, "beta_slow", default=1))}
+    return dict(q_lora_rank=int(q_lora) if q_lora else None, kv_lora_rank=int(_get(args, "kv_lora_rank", default=512)),
+                qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=int(_get(args, "v_head_dim", default=128)),
+                head_dim=nope + rope, rope_scaling=rs)
 
 
 def _dense_layers(freq: Any, L: int, where: str) -> tuple:

@@ -24,7 +24,28 @@ def make_args(spec: ModelSpec, layout: Layout, dtype: torch.dtype, ckpt_format: 
               moe_grouped_gemm: bool = False) -> Namespace:
     rs = dict(spec.rope_scaling or {})
     llama3_scaling = rs.get("rope_type") == "llama3"
-    return Namespace(
+    return Namespace(**_mla_args(spec, rs), **_model_args(spec, layout, dtype, ckpt_format, transformer_impl,
+                                                           iteration, moe_grouped_gemm, rs, llama3_scaling))
+
+
+def _mla_args(spec: ModelSpec, rs: dict) -> dict:
+    """Multi-latent attention and DeepSeek routing (Megatron-LM's --multi-latent-attention flags)."""
+    if not spec.mla:
+        return {"multi_latent_attention": False}
+    yarn = rs.get("rope_type") == "yarn"
+    return dict(
+        multi_latent_attention=True, q_lora_rank=spec.q_lora_rank, kv_lora_rank=spec.kv_lora_rank,
+        qk_head_dim=spec.qk_nope_head_dim, qk_pos_emb_head_dim=spec.qk_rope_head_dim, v_head_dim=spec.v_head_dim,
+        rope_type="yarn" if yarn else "rope", rotary_scaling_factor=float(rs.get("factor", 1.0)),
+        mscale=float(rs.get("mscale", 1.0)), mscale_all_dim=float(rs.get("mscale_all_dim", 0.0)),
+        original_max_position_embeddings=int(rs.get("original_max_position_embeddings", spec.max_position_embeddings)),
+        beta_fast=float(rs.get("beta_fast", 32)), beta_slow=float(rs.get("beta_slow", 1)),
+    )
+
+
+def _model_args(spec, layout, dtype, ckpt_format, transformer_impl, iteration, moe_grouped_gemm, rs,
+                llama3_scaling) -> dict:
+    return dict(
         # architecture
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
@@ -44,7 +65,7 @@ def make_args(spec: ModelSpec, layout: Layout, dtype: torch.dtype, ckpt_format: 
         layernorm_epsilon=spec.norm_eps,
         add_bias_linear=False,
         add_qkv_bias=spec.qkv_bias,
-        qk_layernorm=spec.qk_norm,
+        qk_layernorm=spec.qk_norm or spec.mla,  # MLA: the q/kv latent norms
         untie_embeddings_and_output_weights=not spec.tie_word_embeddings,
         position_embedding_type="rope",
         add_position_embedding=False,  # compared by Megatron's check_checkpoint_args
@@ -62,6 +83,10 @@ def make_args(spec: ModelSpec, layout: Layout, dtype: torch.dtype, ckpt_format: 
         moe_router_dtype="fp32" if spec.is_moe else None,
         moe_router_enable_expert_bias=spec.moe_expert_bias,
         moe_router_score_function=spec.moe_router_score_function,
+        moe_router_num_groups=spec.moe_router_num_groups or None,
+        moe_router_group_topk=spec.moe_router_group_topk or None,
+        moe_router_topk_scaling_factor=spec.moe_router_topk_scaling_factor if spec.is_moe else None,
+        mtp_num_layers=None,  # multi-token-prediction layers are not converted
         moe_shared_expert_intermediate_size=spec.shared_expert_ffn_hidden_size or None,
         moe_shared_expert_gate=spec.shared_expert_gate,
         moe_grouped_gemm=moe_grouped_gemm,

@@ -244,6 +244,9 @@ def _read_entry(ctx: _FileCtx, model: dict, w: _Want, found: _Found) -> Optional
         found.problems.append(f"{ctx.where}: {key} is not a tensor")
         return key
     exp, origin = mg.local_shape(e, spec, layout), None
+    if tuple(ref.shape) != exp and e.local_tp_rule and tuple(ref.shape) == mg.local_shape(e.under("local"), spec, layout):
+        e = e.under("local")  # a local-spec file: this tensor split the local spec's way
+        exp = mg.local_shape(e, spec, layout)
     if old_form:  # [h, E_local*2f] / [E_local*f, h]: experts side by side, transposed
         (R, C), gated, E_local = exp, e.tp_rule == "gated", spec.num_experts // layout.ep
         exp = (C, E_local * R) if gated else (E_local * C, R)
@@ -364,7 +367,7 @@ def targets(spec: ModelSpec, layout: Layout, table: MappingTable, dtype_of: Call
                     if post and spec.tie_word_embeddings and layout.pp > 1:
                         items.append((embed, None, "output_layer.weight"))  # the tied copy Megatron keeps
                     for e, i, j, local in _file_layers(spec, layout, table, pp, v, ep):
-                        items.append((e, i, f"decoder.layers.{j}.{e.megatron_name(local, grouped, impl)}"))
+                        items.append((e.under(impl), i, f"decoder.layers.{j}.{e.megatron_name(local, grouped, impl)}"))
                     for e, i, name in items:
                         pls = mg.local_placements(e, spec, layout, t, i)
                         dts = {dtype_of(p.canonical) for p in pls}

@@ -30,6 +30,18 @@ MOE_HF = {  # model_type -> (router, expert prefix {e}, gate, up, down)
     "mixtral": ("block_sparse_moe.gate", "block_sparse_moe.experts.{e}.", "w1", "w3", "w2"),
     "qwen2_moe": ("mlp.gate", "mlp.experts.{e}.", "gate_proj", "up_proj", "down_proj"),
     "qwen3_moe": ("mlp.gate", "mlp.experts.{e}.", "gate_proj", "up_proj", "down_proj"),
+    "deepseek_v3": ("mlp.gate", "mlp.experts.{e}.", "gate_proj", "up_proj", "down_proj"),
+}
+SHARED_HF = {"qwen2_moe": "mlp.shared_expert.", "deepseek_v3": "mlp.shared_experts."}
+# multi-latent attention, Megatron local-spec name -> (HF name, TP split dim or None = replicated)
+MLA_HF = {
+    "self_attention.linear_q_down_proj.weight": ("self_attn.q_a_proj.weight", 0),  # local spec: column-parallel
+    "self_attention.q_layernorm.weight": ("self_attn.q_a_layernorm.weight", None),
+    "self_attention.linear_q_up_proj.weight": ("self_attn.q_b_proj.weight", 0),
+    "self_attention.linear_q_proj.weight": ("self_attn.q_proj.weight", 0),
+    "self_attention.linear_kv_down_proj.weight": ("self_attn.kv_a_proj_with_mqa.weight", 0),
+    "self_attention.kv_layernorm.weight": ("self_attn.kv_a_layernorm.weight", None),
+    "self_attention.linear_kv_up_proj.weight": ("self_attn.kv_b_proj.weight", 0),
 }
 
 
@@ -40,6 +52,8 @@ def expected_moe(rest, p, hf, spec, tp, tp_rank, experts):
     ep, ep_rank, etp, etp_rank = experts
     if rest == "mlp.router.weight":
         return hf[p + router + ".weight"]
+    if rest == "mlp.router.expert_bias":
+        return hf[p + router + ".e_score_correction_bias"]
     if rest.startswith("mlp.experts.local_experts."):
         j, fc = int(rest.split(".")[3]), rest.split(".")[4]
         g = ep_rank * (spec["num_experts"] // ep) + j
@@ -47,11 +61,12 @@ def expected_moe(rest, p, hf, spec, tp, tp_rank, experts):
         if fc == "linear_fc1":  # experts are split over expert-TP
             return gated_tp_shard(merge_gated(hf[x + gate + ".weight"], hf[x + up + ".weight"]), etp, etp_rank)
         return hf[x + down + ".weight"].chunk(etp, dim=1)[etp_rank]
+    shared = p + SHARED_HF.get(spec["model_type"], "mlp.shared_expert.")
     if rest == "mlp.shared_experts.linear_fc1.weight":
-        w = merge_gated(hf[p + "mlp.shared_expert.gate_proj.weight"], hf[p + "mlp.shared_expert.up_proj.weight"])
+        w = merge_gated(hf[shared + "gate_proj.weight"], hf[shared + "up_proj.weight"])
         return gated_tp_shard(w, tp, tp_rank)
     if rest == "mlp.shared_experts.linear_fc2.weight":
-        return chunk1(hf[p + "mlp.shared_expert.down_proj.weight"])
+        return chunk1(hf[shared + "down_proj.weight"])
     if rest == "mlp.shared_experts.gate_weight":
         return hf[p + "mlp.shared_expert_gate.weight"]
     raise KeyError(f"no expectation for {rest}")
@@ -80,6 +95,9 @@ def expected_local(name, hf, spec, tp, tp_rank, layer_offset, padded, experts=No
         kind = rest.rsplit(".", 1)[1]
         qkv = merge_qkv(*(hf[p + f"self_attn.{x}_proj.{kind}"] for x in "qkv"), ng)
         return chunk0(qkv)
+    if rest in MLA_HF and spec.get("kv_lora_rank"):
+        name, dim = MLA_HF[rest]
+        return hf[p + name] if dim is None else hf[p + name].chunk(tp, dim=dim)[tp_rank]
     if rest in ("self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"):
         return hf[p + f"self_attn.{rest.split('.')[1][0]}_norm.weight"]  # one [head_dim] norm, every TP rank
     if rest == "self_attention.linear_proj.weight":

@@ -43,6 +43,44 @@ def init_model_parallel(tp: int, pp: int, ep: int = 1, etp=None) -> None:
     initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
 
 
+class CpuCoreAttention(torch.nn.Module):
+    """Causal softmax attention whose q/k and v head sizes differ, for multi-latent attention on CPU:
+    megatron-core 0.19.2's local DotProductAttention refuses MLA (``__init__() got an unexpected keyword
+    argument 'k_channels'``) and its MLA otherwise needs Transformer Engine's attention. Only the score
+    kernel is ours; every projection, norm, rotary embedding and the router are Megatron-core's."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type=None, softmax_scale=None,
+                 k_channels=None, v_channels=None, **kwargs):
+        super().__init__()
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, d]
+        scale = self.softmax_scale if self.softmax_scale is not None else q.shape[-1] ** -0.5
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        s = q.shape[2]
+        scores = scores.masked_fill(torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1), float("-inf"))
+        out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
+        b, n, s, d = out.shape
+        return out.permute(2, 0, 1, 3).reshape(s, b, n * d)
+
+
+def mla_config(spec: dict) -> dict:
+    """MLATransformerConfig fields of a DeepSeek-V3 spec (RoPE without yarn scaling for tiny models)."""
+    rs = spec.get("rope_scaling") or {}
+    return dict(
+        multi_latent_attention=True, q_lora_rank=spec["q_lora_rank"], kv_lora_rank=spec["kv_lora_rank"],
+        qk_head_dim=spec["qk_nope_head_dim"], qk_pos_emb_head_dim=spec["qk_rope_head_dim"],
+        v_head_dim=spec["v_head_dim"], rope_type=rs.get("rope_type", "rope") if rs else "rope",
+        rotary_base=spec.get("rope_theta", 10000), rotary_scaling_factor=float(rs.get("factor", 1.0)),
+        mscale=float(rs.get("mscale", 1.0)), mscale_all_dim=float(rs.get("mscale_all_dim", 0.0)),
+        original_max_position_embeddings=int(rs.get("original_max_position_embeddings",
+                                                    spec.get("max_position_embeddings", 4096))),
+        qk_layernorm=True,
+    )
+
+
 def moe_config(spec: dict, ep: int, etp=None) -> dict:
     """TransformerConfig fields of a mixture-of-experts spec (FORMATS.md §6: allgather
     dispatcher, SequentialMLP experts); empty for a dense one."""
@@ -59,24 +97,35 @@ def moe_config(spec: dict, ep: int, etp=None) -> dict:
         moe_grouped_gemm=False,
         moe_router_load_balancing_type="none",
     )
+    if spec.get("moe_router_score_function", "softmax") != "softmax":
+        out.update(moe_router_score_function=spec["moe_router_score_function"], moe_router_dtype="fp32")
+    if spec.get("moe_expert_bias"):
+        out["moe_router_enable_expert_bias"] = True
+    if spec.get("moe_router_num_groups"):
+        out.update(moe_router_num_groups=spec["moe_router_num_groups"], moe_router_group_topk=spec["moe_router_group_topk"])
+    if spec.get("moe_router_topk_scaling_factor", 1.0) != 1.0:
+        out["moe_router_topk_scaling_factor"] = spec["moe_router_topk_scaling_factor"]
     if spec.get("dense_layers"):  # a per-layer pattern: 1 = MoE, 0 = dense
         out["moe_layer_freq"] = [0 if i in spec["dense_layers"] else 1 for i in range(spec["num_layers"])]
     if spec.get("shared_expert_ffn_hidden_size"):
-        out.update(moe_shared_expert_intermediate_size=spec["shared_expert_ffn_hidden_size"],
-                   moe_shared_expert_gate=bool(spec.get("shared_expert_gate")))
+        out["moe_shared_expert_intermediate_size"] = spec["shared_expert_ffn_hidden_size"]
+        if spec.get("shared_expert_gate"):
+            out["moe_shared_expert_gate"] = True
     return out
 
 
 def transformer_config(spec: dict, tp: int, pp: int, dtype=torch.float32, ep: int = 1, etp=None):
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
-    return TransformerConfig(
+    mla = spec.get("kv_lora_rank", 0) > 0
+    return (MLATransformerConfig if mla else TransformerConfig)(
         **moe_config(spec, ep, etp),
+        **(mla_config(spec) if mla else {"kv_channels": spec["head_dim"],
+                                         "qk_layernorm": spec["model_type"] in ("qwen3", "qwen3_moe")}),
         num_layers=spec["num_layers"],
         hidden_size=spec["hidden_size"],
         num_attention_heads=spec["num_attention_heads"],
         num_query_groups=spec["num_query_groups"],
-        kv_channels=spec["head_dim"],
         ffn_hidden_size=spec["ffn_hidden_size"],
         normalization="RMSNorm",
         layernorm_epsilon=spec["norm_eps"],
@@ -84,7 +133,6 @@ def transformer_config(spec: dict, tp: int, pp: int, dtype=torch.float32, ep: in
         activation_func=torch.nn.functional.silu,
         add_bias_linear=False,
         add_qkv_bias=spec.get("qkv_bias", False),
-        qk_layernorm=spec["model_type"] in ("qwen3", "qwen3_moe"),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
@@ -111,9 +159,16 @@ def build_gpt(spec: dict, tp: int, pp: int, padded_vocab: int, dtype=torch.float
     init_model_parallel(tp, pp, ep, etp)
     cfg = transformer_config(spec, tp, pp, dtype, ep, etp)
     qk = spec["model_type"] in ("qwen3", "qwen3_moe")
-    if spec.get("dense_layers"):  # dense and MoE layers: Megatron's block spec from moe_layer_freq
+    if spec.get("dense_layers") or cfg.multi_latent_attention:  # Megatron's block spec from moe_layer_freq
         layer_spec = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False,
                                                 pp_rank=parallel_state.get_pipeline_model_parallel_rank())
+        if cfg.multi_latent_attention:
+            from megatron.core.transformer.identity_op import IdentityOp
+
+            for ls in layer_spec.layer_specs:
+                ls.submodules.self_attention.submodules.core_attention = CpuCoreAttention
+                if spec.get("q_lora_rank") is None:  # no q latent, so no q latent norm
+                    ls.submodules.self_attention.submodules.q_layernorm = IdentityOp
     else:
         layer_spec = get_gpt_layer_local_spec(num_experts=spec.get("num_experts") or None, moe_grouped_gemm=False,
                                               qk_layernorm=qk)
