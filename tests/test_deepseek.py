@@ -212,3 +212,25 @@ def test_inspect_names_the_latent_attention_the_dense_layers_and_the_routing(cha
     assert "multi-latent attention: q_lora 48, kv_lora 32, q/k head 16 + 8 rope, v head 16" in p.stdout
     assert "dense layers: [0] (the others MoE)" in p.stdout and "routing: sigmoid, best 1 of 2 groups, x2.5" in p.stdout
     assert "decoder.layers.3.mlp.experts.experts.linear_fc2.weight" in p.stdout
+
+
+def test_vpp_uneven_pp_and_expert_tp_layouts_round_trip_on_3_ranks(chain, tmp_path):
+    """legacy PP=2 x VPP=2 (one layer per model chunk, the dense layer alone in the first) -> torch_dist
+    TP=2 EP=2 with expert-TP 1 and PP=3 of 1/2/1 layers -> HF: the source's tensors and logits."""
+    from tests.expected import load_hf
+    from tests.referees.hf_logits import logits
+
+    x = chain["q_lora"]
+    vpp, td, hf = (str(tmp_path / k) for k in ("vpp", "td", "hf"))
+    _jobs(3, [[f"source.path={x['hf']}", f"target.path={vpp}", "target.format=megatron_legacy", "parallel.target_pp=2",
+               "parallel.target_vpp=2", "parallel.target_ep=2"],
+              [f"source.path={vpp}", f"target.path={td}", "parallel.target_tp=2", "parallel.target_ep=2",
+               "parallel.target_etp=1", "parallel.target_pp=3", "parallel.target_first_stage_layers=1",
+               "parallel.target_last_stage_layers=1"],
+              [f"source.path={td}", f"target.path={hf}", "target.format=hf"]], tmp_path, "layouts")
+    f = torch.load(os.path.join(vpp, "release", "mp_rank_00_000_001", "model_optim_rng.pt"), weights_only=False)
+    assert "decoder.layers.0.mlp.linear_fc1.weight" in f["model0"]  # global layer 0: dense
+    assert "decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight" in f["model1"]  # global layer 2
+    src, out = load_hf(x["hf"]), load_hf(hf)
+    assert sorted(src) == sorted(out) and all(torch.equal(src[k], out[k]) for k in src)
+    assert (logits(x["hf"]) - logits(hf)).abs().max().item() <= 1e-5
