@@ -234,3 +234,21 @@ def test_vpp_uneven_pp_and_expert_tp_layouts_round_trip_on_3_ranks(chain, tmp_pa
     src, out = load_hf(x["hf"]), load_hf(hf)
     assert sorted(src) == sorted(out) and all(torch.equal(src[k], out[k]) for k in src)
     assert (logits(x["hf"]) - logits(hf)).abs().max().item() <= 1e-5
+
+
+def test_yarn_rope_scaling_reaches_megatron_and_gives_the_logits_of_transformers(tmp_path):
+    """DeepSeek-V3's published RoPE is YaRN (factor 40, mscale_all_dim 1): Megatron-core's MLA with
+    rope_type=yarn and the same factor, mscale, mscale_all_dim and original length gives HF's logits."""
+    hf = save_transformers_model("tiny_deepseek_v3_yarn", str(tmp_path / "hf"), max_shard_size="40KB")
+    td = str(tmp_path / "td")
+    run_reshard([f"source.path={hf}", f"target.path={td}", "parallel.target_tp=2", f"paths.root={tmp_path}",
+                 "launch.nproc=2"])
+    from reshard.formats import torch_dist
+
+    ckpt = os.path.join(td, "release")
+    args = torch_dist.read_common(ckpt, *torch_dist.read_metadata(ckpt))["args"]
+    assert (args.rope_type, args.rotary_scaling_factor, args.mscale_all_dim, args.original_max_position_embeddings) \
+        == ("yarn", 4.0, 1.0, 64)
+    p = run_torchrun(2, [CHECK, os.path.join(td, "release"), hf, "2,1,1", "--logits"], timeout=600)
+    diffs = [float(o.rsplit("= ", 1)[1]) for o in p.stdout.splitlines() if o.startswith("OK logits")]
+    assert len(diffs) == 2 and max(diffs) <= 1e-4, p.stdout

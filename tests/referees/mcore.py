@@ -211,10 +211,12 @@ def logits(model, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         out = model(tokens, position_ids, mask)
-    # RotaryEmbedding.forward is an lru_cache: it would keep the module (and its process groups) alive
+    # the rotary embeddings' forward is an lru_cache: it would keep the module (and its process groups) alive
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding
 
     RotaryEmbedding.forward.cache_clear()
+    YarnRotaryEmbedding.forward.cache_clear()
     tp = ps.get_tensor_model_parallel_world_size()
     if tp > 1:
         parts = [torch.empty_like(out) for _ in range(tp)]
