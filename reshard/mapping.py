@@ -128,23 +128,22 @@ class Entry:
     def _when(self, spec: ModelSpec) -> bool:
         if self.when is None:
             return True
-        if self.when == "qkv_bias":
-            return spec.qkv_bias
-        if self.when == "untied":
-            return not spec.tie_word_embeddings
-        if self.when == "qk_norm":
-            return spec.qk_norm
-        if self.when == "q_lora":
-            return spec.q_lora_rank is not None
-        if self.when == "no_q_lora":
-            return spec.q_lora_rank is None
-        if self.when == "shared_expert":
-            return spec.shared_expert_ffn_hidden_size > 0
-        if self.when == "shared_gate":
-            return spec.shared_expert_ffn_hidden_size > 0 and spec.shared_expert_gate
-        if self.when == "expert_bias":
-            return spec.moe_expert_bias
-        raise AssertionError(f"unknown predicate {self.when}")
+        if self.when not in WHEN:
+            raise AssertionError(f"unknown predicate {self.when}")
+        return bool(WHEN[self.when](spec))
+
+
+# ``Entry.when`` predicates: the spec property that switches an entry on
+WHEN = {
+    "qkv_bias": lambda s: s.qkv_bias,
+    "untied": lambda s: not s.tie_word_embeddings,
+    "qk_norm": lambda s: s.qk_norm,
+    "q_lora": lambda s: s.q_lora_rank is not None,
+    "no_q_lora": lambda s: s.q_lora_rank is None,
+    "shared_expert": lambda s: s.shared_expert_ffn_hidden_size > 0,
+    "shared_gate": lambda s: s.shared_expert_ffn_hidden_size > 0 and s.shared_expert_gate,
+    "expert_bias": lambda s: s.moe_expert_bias,
+}
 
 
 @dataclass(frozen=True)

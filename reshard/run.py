@@ -93,13 +93,14 @@ def check_source(index, table, spec: ModelSpec) -> None:
         if experts:
             problems.append(f"missing experts ({len(experts)}): "
                             + _few([f"layer {i} expert {e}" for i, e in experts]))
-    mtp = [n for n in unknown if _layer_of(n) is not None and _layer_of(n) >= spec.num_layers]
+    beyond = {n: i for n in unknown if (i := _layer_of(n)) is not None and i >= spec.num_layers}
+    mtp = sorted(beyond)
     if mtp:
-        layers = sorted({_layer_of(n) for n in mtp})
+        layers = sorted(set(beyond.values()))
         problems.append(f"multi-token-prediction layer(s) {layers} (num_nextn_predict_layers={spec.mtp_layers}, "
                         f"{len(mtp)} tensors, e.g. {_few(mtp)}) are not converted by this version; refusing to drop "
                         "them silently (remove them from the source, or from its index, to convert the main model)")
-        unknown = [n for n in unknown if n not in set(mtp)]
+        unknown = [n for n in unknown if n not in beyond]
     if unknown:
         problems.append(f"{len(unknown)} tensor(s) this architecture does not have (refusing to drop them "
                         f"silently): {_few(unknown)}")

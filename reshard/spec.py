@@ -103,6 +103,11 @@ class ModelSpec:
         return self.num_experts > 0 and layer not in self.dense_layers
 
     @property
+    def first_moe_layer(self) -> int:
+        """The number of leading dense layers (DeepSeek's first_k_dense_replace)."""
+        return next((i for i in range(self.num_layers) if self.is_moe_layer(i)), self.num_layers)
+
+    @property
     def mixed_layers(self) -> bool:
         """Dense and MoE layers in one model: Megatron-core then keys torch_dist per layer."""
         return self.is_moe and bool(self.dense_layers)
@@ -349,16 +354,20 @@ def _moe_from_hf(cfg: Mapping[str, Any], model_type: str, where: str) -> dict:
     return {}
 
 
-def read_hf_config(path: str) -> ModelSpec:
+def load_hf_config(path: str) -> dict:
+    """The ``config.json`` of the HF checkpoint at ``path``, as a dict."""
     cfg_path = os.path.join(path, "config.json")
     try:
         with open(cfg_path) as f:
-            cfg = json.load(f)
+            return json.load(f)
     except FileNotFoundError:
         raise SourceError(f"{cfg_path} not found: a Hugging Face checkpoint needs its config.json") from None
     except (OSError, json.JSONDecodeError) as e:
         raise SourceError(f"{cfg_path} cannot be read as JSON: {e}") from None
-    return spec_from_hf_config(cfg, cfg_path)
+
+
+def read_hf_config(path: str) -> ModelSpec:
+    return spec_from_hf_config(load_hf_config(path), os.path.join(path, "config.json"))
 
 
 def _values_differ(a: Any, b: Any) -> bool:
@@ -432,7 +441,6 @@ def to_hf_config(spec: ModelSpec) -> dict:
                    norm_topk_prob=spec.moe_norm_topk_prob, decoder_sparse_step=1,
                    mlp_only_layers=list(spec.dense_layers), qkv_bias=spec.qkv_bias)
     if spec.model_type == "deepseek_v3":
-        k = next((i for i in range(spec.num_layers) if spec.is_moe_layer(i)), spec.num_layers)
         cfg.update(head_dim=spec.qk_rope_head_dim, qk_head_dim=spec.head_dim, q_lora_rank=spec.q_lora_rank,
                    kv_lora_rank=spec.kv_lora_rank, qk_nope_head_dim=spec.qk_nope_head_dim,
                    qk_rope_head_dim=spec.qk_rope_head_dim, v_head_dim=spec.v_head_dim,
@@ -440,8 +448,8 @@ def to_hf_config(spec: ModelSpec) -> dict:
                    n_shared_experts=spec.shared_expert_ffn_hidden_size // spec.expert_ffn,
                    norm_topk_prob=spec.moe_norm_topk_prob, n_group=spec.moe_router_num_groups or 1,
                    topk_group=spec.moe_router_group_topk or 1, routed_scaling_factor=spec.moe_router_topk_scaling_factor,
-                   first_k_dense_replace=k, moe_layer_freq=1, topk_method="noaux_tc", rope_interleave=True,
-                   num_nextn_predict_layers=0, attention_bias=spec.qkv_bias)
+                   first_k_dense_replace=spec.first_moe_layer, moe_layer_freq=1, topk_method="noaux_tc",
+                   rope_interleave=True, num_nextn_predict_layers=0, attention_bias=spec.qkv_bias)
     if spec.model_type == "qwen3_moe":
         cfg.update(num_experts=spec.num_experts, moe_intermediate_size=spec.expert_ffn,
                    norm_topk_prob=spec.moe_norm_topk_prob, decoder_sparse_step=1,
@@ -464,8 +472,7 @@ def hf_problems(spec: ModelSpec) -> list:
     if spec.model_type == "qwen3_moe" and spec.shared_expert_ffn_hidden_size:
         out.append("Qwen3-MoE has no shared expert")
     if spec.model_type == "deepseek_v3":
-        k = next((i for i in range(spec.num_layers) if spec.is_moe_layer(i)), spec.num_layers)
-        if spec.dense_layers != tuple(range(k)):
+        if spec.dense_layers != tuple(range(spec.first_moe_layer)):
             out.append(f"DeepSeek-V3's dense layers are its first first_k_dense_replace; these are {spec.dense_layers}")
         if spec.shared_expert_gate or spec.shared_expert_ffn_hidden_size % spec.expert_ffn:
             out.append("DeepSeek-V3's shared experts are ungated multiples of moe_intermediate_size")

@@ -39,6 +39,18 @@ def run_reshard(overrides, nproc: int = 1, timeout: int = 300, check: bool = Tru
     return run_torchrun(nproc, ["-m", "reshard", *overrides], timeout=timeout, env=env, check=check)
 
 
+def run_jobs(nproc: int, jobs, root, name: str) -> list:
+    """Several conversions in one process group (``tests/drivers/convert_jobs.py`` under torchrun);
+    every job must succeed. ``jobs`` is a list of override lists; returns the drivers' results."""
+    jf, rf = str(root / f"{name}.json"), str(root / f"{name}_results.json")
+    with open(jf, "w") as f:
+        json.dump(jobs, f)
+    run_torchrun(nproc, [os.path.join(REPO, "tests", "drivers", "convert_jobs.py"), jf, rf], timeout=600)
+    results = read_json(rf)
+    assert all(r["ok"] for r in results), results
+    return results
+
+
 def save_transformers_model(preset: str, out: str, max_shard_size: str = "60KB", seed: int = 0) -> str:
     """Build a random model of ``preset`` with transformers and ``save_pretrained`` it (several shards)."""
     import torch

@@ -20,20 +20,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, read_json, run_reshard, run_torchrun, save_transformers_model
+from conftest import REPO, run_jobs, run_reshard, run_torchrun, save_transformers_model
 
 CHECK = os.path.join(REPO, "tests", "referees", "check_mcore_load.py")
-JOBS = os.path.join(REPO, "tests", "drivers", "convert_jobs.py")
 VARIANTS = {"q_lora": "tiny_deepseek_v3", "no_q_lora": "tiny_deepseek_v3_no_q_lora"}
 
 
-def _jobs(nproc, jobs, root, name):
-    jf, rf = str(root / f"{name}.json"), str(root / f"{name}_results.json")
-    with open(jf, "w") as f:
-        json.dump(jobs, f)
-    run_torchrun(nproc, [JOBS, jf, rf], timeout=600)
-    results = read_json(rf)
-    assert all(r["ok"] for r in results), results
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +41,8 @@ def chain(tmp_path_factory):
                  [f"source.path={x['hf']}", f"target.path={x['leg']}", "target.format=megatron_legacy", *layout],
                  [f"source.path={x['td']}", f"target.path={x['leg_mc']}", "target.format=megatron_legacy",
                   "parallel.target_tp=2", "parallel.target_ep=2", "target.transformer_impl=local"]]
-    _jobs(3, jobs, root, "to_megatron")
-    _jobs(2, [[f"source.path={x[s]}", f"target.path={x[s + '_hf']}", "target.format=hf"]
+    run_jobs(3, jobs, root, "to_megatron")
+    run_jobs(2, [[f"source.path={x[s]}", f"target.path={x[s + '_hf']}", "target.format=hf"]
               for x in d.values() for s in ("td", "leg")], root, "to_hf")
     # Megatron-core 0.19.2 builds MLA without a q latent only with a norm fused into linear_q_proj
     # (mla_qk_norm_config: qk_layernorm=True and q_lora_rank=None), which HF's q_proj does not have and the
@@ -222,7 +214,7 @@ def test_vpp_uneven_pp_and_expert_tp_layouts_round_trip_on_3_ranks(chain, tmp_pa
 
     x = chain["q_lora"]
     vpp, td, hf = (str(tmp_path / k) for k in ("vpp", "td", "hf"))
-    _jobs(3, [[f"source.path={x['hf']}", f"target.path={vpp}", "target.format=megatron_legacy", "parallel.target_pp=2",
+    run_jobs(3, [[f"source.path={x['hf']}", f"target.path={vpp}", "target.format=megatron_legacy", "parallel.target_pp=2",
                "parallel.target_vpp=2", "parallel.target_ep=2"],
               [f"source.path={vpp}", f"target.path={td}", "parallel.target_tp=2", "parallel.target_ep=2",
                "parallel.target_etp=1", "parallel.target_pp=3", "parallel.target_first_stage_layers=1",

@@ -13,26 +13,17 @@ into its fc1. One chain, run once for the module (every launch a real torchrun w
     strict-loads the legacy files, and re-saves both formats itself -> reshard reads those back to HF.
 """
 
-import json
 import os
 
 import pytest
 import torch
 
-from conftest import REPO, read_json, run_torchrun, save_transformers_model
+from conftest import REPO, run_jobs, run_torchrun, save_transformers_model
 
 CHECK = os.path.join(REPO, "tests", "referees", "check_mcore_load.py")
-JOBS = os.path.join(REPO, "tests", "drivers", "convert_jobs.py")
 PRESET = "tiny_qwen2_moe_mixed"
 
 
-def _jobs(nproc, jobs, root, name):
-    jf, rf = str(root / f"{name}.json"), str(root / f"{name}_results.json")
-    with open(jf, "w") as f:
-        json.dump(jobs, f)
-    run_torchrun(nproc, [JOBS, jf, rf], timeout=600)
-    results = read_json(rf)
-    assert all(r["ok"] for r in results), results
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +31,14 @@ def chain(tmp_path_factory):
     root = tmp_path_factory.mktemp("mixed")
     x = {k: str(root / k) for k in ("td", "leg", "td_hf", "leg_hf", "mg", "mg_td_hf", "mg_leg_hf")}
     x["hf"] = save_transformers_model(PRESET, str(root / "hf"), max_shard_size="40KB")
-    _jobs(3, [[f"source.path={x['hf']}", f"target.path={x['td']}", "parallel.target_tp=2", "parallel.target_pp=2",
+    run_jobs(3, [[f"source.path={x['hf']}", f"target.path={x['td']}", "parallel.target_tp=2", "parallel.target_pp=2",
                "parallel.target_ep=2"]], root, "to_td")
-    _jobs(3, [[f"source.path={x['td']}", f"target.path={x['leg']}", "target.format=megatron_legacy",
+    run_jobs(3, [[f"source.path={x['td']}", f"target.path={x['leg']}", "target.format=megatron_legacy",
                "parallel.target_pp=2", "parallel.target_ep=2", "target.transformer_impl=local"]], root, "to_leg")
     p = run_torchrun(4, [CHECK, os.path.join(x["td"], "release"), x["hf"], "1,2,2", "2,1,2", "1,1,1",
                          "--legacy", os.path.join(x["leg"], "release"), "--resave", x["mg"], "--logits"], timeout=900)
     x["oks"] = [line for line in p.stdout.splitlines() if line.startswith("OK")]
-    _jobs(2, [[f"source.path={x['td']}", f"target.path={x['td_hf']}", "target.format=hf"],
+    run_jobs(2, [[f"source.path={x['td']}", f"target.path={x['td_hf']}", "target.format=hf"],
               [f"source.path={x['leg']}", f"target.path={x['leg_hf']}", "target.format=hf"],
               # Megatron's own files: its args hold only the padded vocab, so the preset names the model
               [f"source.path={os.path.join(x['mg'], 'torch_dist')}", f"target.path={x['mg_td_hf']}",

@@ -22,21 +22,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, read_json, run_reshard, run_torchrun, save_transformers_model
+from conftest import REPO, read_json, run_jobs, run_reshard, run_torchrun, save_transformers_model
 
 CHECK = os.path.join(REPO, "tests", "referees", "check_mcore_load.py")
-JOBS = os.path.join(REPO, "tests", "drivers", "convert_jobs.py")
 MOE = {"mixtral": "tiny_mixtral", "qwen2_moe": "tiny_qwen2_moe"}
 
 
-def _jobs(nproc, jobs, root, name):
-    jf, rf = str(root / f"{name}.json"), str(root / f"{name}_results.json")
-    with open(jf, "w") as f:
-        json.dump(jobs, f)
-    run_torchrun(nproc, [JOBS, jf, rf], timeout=600)
-    results = read_json(rf)
-    assert all(r["ok"] for r in results), results
-    return results
 
 
 def _old_grouped_mlp(src, dst):
@@ -74,7 +65,7 @@ def chain(tmp_path_factory):
          for fam, preset in MOE.items()}
     for fam, x in d.items():
         x.update({k: str(root / fam / k) for k in ("td", "leg", "hf2", "mg", "mg_leg_hf", "mg_td_hf", "leg_ep2")})
-    _jobs(3, [[f"source.path={x['hf']}", f"target.path={x['td']}", "parallel.target_tp=2", "parallel.target_ep=2"]
+    run_jobs(3, [[f"source.path={x['hf']}", f"target.path={x['td']}", "parallel.target_tp=2", "parallel.target_ep=2"]
               for x in d.values()] + [
         # for a strict load_state_dict by Megatron's local spec at TP=1 EP=2
         [f"source.path={d['mixtral']['td']}", f"target.path={d['mixtral']['leg_ep2']}", "target.format=megatron_legacy",
@@ -101,7 +92,7 @@ def chain(tmp_path_factory):
               f"target.path={d['qwen2_moe']['mg_td_hf']}", "target.format=hf", "+model=tiny_qwen2_moe"],
              [f"source.path={root / 'old_form'}", f"target.path={mx['old_hf']}", "target.format=hf",
               "+model=tiny_mixtral"]]
-    _jobs(2, jobs, root, "rest")
+    run_jobs(2, jobs, root, "rest")
     return d
 
 
@@ -354,7 +345,7 @@ def test_the_router_expert_bias_is_kept_through_both_megatron_formats(chain, tmp
     src = tmp_path / "bias"
     bias = _inject_expert_bias(os.path.join(chain["mixtral"]["mg"], "legacy"), src)
     td, leg = tmp_path / "td", tmp_path / "leg"
-    _jobs(2, [[f"source.path={src}", f"target.path={td}", "parallel.target_tp=2", "+model=tiny_mixtral",
+    run_jobs(2, [[f"source.path={src}", f"target.path={td}", "parallel.target_tp=2", "+model=tiny_mixtral",
                "model.moe_expert_bias=true", "model.moe_router_score_function=sigmoid"],
               [f"source.path={td}", f"target.path={leg}", "target.format=megatron_legacy", "parallel.target_pp=2",
                "parallel.target_ep=4"]], tmp_path, "bias")

@@ -13,29 +13,20 @@ One chain per family, run once for the module (every launch is a real torchrun w
     first layout loaded with a strict ``load_state_dict`` on each rank.
 """
 
-import json
 import os
 import re
 
 import pytest
 import torch
 
-from conftest import REPO, read_json, run_torchrun, save_transformers_model
+from conftest import REPO, run_jobs, run_torchrun, save_transformers_model
 
 CHECK = os.path.join(REPO, "tests", "referees", "check_mcore_load.py")
-JOBS = os.path.join(REPO, "tests", "drivers", "convert_jobs.py")
 FAMS = {"qwen3": "tiny_qwen3", "qwen3_moe": "tiny_qwen3_moe"}
 # Megatron layouts (tp, pp, ep) the referee loads at, on 4 ranks; the first also gets a legacy file set
 MCORE_LAYOUTS = {"qwen3": ["2,2,1", "2,1,1", "1,1,1"], "qwen3_moe": ["1,2,2", "2,1,2", "1,1,1"]}
 
 
-def _jobs(nproc, jobs, root, name):
-    jf, rf = str(root / f"{name}.json"), str(root / f"{name}_results.json")
-    with open(jf, "w") as f:
-        json.dump(jobs, f)
-    run_torchrun(nproc, [JOBS, jf, rf], timeout=600)
-    results = read_json(rf)
-    assert all(r["ok"] for r in results), results
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +48,8 @@ def chain(tmp_path_factory):
              f"parallel.target_tp={tp}", f"parallel.target_pp={pp}", f"parallel.target_ep={mep}",
              "target.transformer_impl=local"],
         ]
-    _jobs(3, jobs, root, "to_megatron")
-    _jobs(2, [[f"source.path={x[src]}", f"target.path={x[src + '_hf']}", "target.format=hf"]
+    run_jobs(3, jobs, root, "to_megatron")
+    run_jobs(2, [[f"source.path={x[src]}", f"target.path={x[src + '_hf']}", "target.format=hf"]
               for x in d.values() for src in ("td", "leg")], root, "to_hf")
     for fam, x in d.items():
         p = run_torchrun(4, [CHECK, os.path.join(x["td"], "release"), x["hf"], *MCORE_LAYOUTS[fam],

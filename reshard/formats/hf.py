@@ -19,7 +19,7 @@ import torch
 
 from .. import faults
 from ..errors import SourceError
-from ..spec import read_hf_config
+from ..spec import load_hf_config, spec_from_hf_config
 from ..types import FP8_BLOCKS, BlockScales
 from .base import RawReader, SourceIndex, SourceSlice, StoredTensor
 from .target import FileTarget
@@ -128,7 +128,8 @@ def read_header(file_path: str) -> Dict[str, StoredTensor]:
 
 def read_index(path: str, iteration=None, vocab_size=None) -> SourceIndex:
     """``iteration`` and ``vocab_size`` are for Megatron sources; HF has neither."""
-    spec = read_hf_config(path)
+    cfg = load_hf_config(path)
+    spec = spec_from_hf_config(cfg, os.path.join(path, "config.json"))
     files = _weight_files(path)
     slices, shapes, dtypes, sizes, unlisted = {}, {}, {}, {}, {}
     for fname, promised in sorted(files.items()):
@@ -154,7 +155,7 @@ def read_index(path: str, iteration=None, vocab_size=None) -> SourceIndex:
             slices[key] = [SourceSlice(st, zero, zero, st.shape)]
             shapes[key] = st.shape
             dtypes[key] = st.dtype
-    _dequantize_fp8(path, spec, slices, shapes, dtypes)
+    _dequantize_fp8(path, spec, cfg.get("quantization_config") or {}, slices, shapes, dtypes)
     return SourceIndex(NAME, path, spec, shapes, dtypes, slices, sizes, unlisted=unlisted)
 
 
@@ -162,7 +163,7 @@ FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 SCALE_SUFFIX = "_scale_inv"
 
 
-def _dequantize_fp8(path: str, spec, slices: dict, shapes: dict, dtypes: dict) -> None:
+def _dequantize_fp8(path: str, spec, q: dict, slices: dict, shapes: dict, dtypes: dict) -> None:
     """Block-scaled FP8 weights (DeepSeek-V3, Kimi-K2, Qwen3-FP8: ``quantization_config`` with
     ``quant_method: fp8`` and ``weight_block_size``): each weight's slice dequantizes as it is read
     (``fp8.float() * <name>_scale_inv`` per block), into the checkpoint's own dtype (``torch_dtype``,
@@ -170,16 +171,15 @@ def _dequantize_fp8(path: str, spec, slices: dict, shapes: dict, dtypes: dict) -
     fp8 = sorted(k for k, d in dtypes.items() if d in FP8)
     if not fp8:
         return
-    with open(os.path.join(path, "config.json")) as f:
-        q = json.load(f).get("quantization_config") or {}
     block = q.get("weight_block_size")
     if q.get("quant_method") != "fp8" or not (isinstance(block, list) and len(block) == 2):
         raise SourceError(f"{path}: {len(fp8)} float8 tensor(s) ({fp8[0]}, ...) but config.json has no block-scaled "
                           f"fp8 quantization_config (quant_method 'fp8' with weight_block_size [rows, cols]); "
                           f"found {q or 'none'}")
     br, bc = int(block[0]), int(block[1])
-    out_dtype = getattr(torch, spec.dtype, None) if spec.dtype not in ("float8_e4m3fn", "float8_e5m2") else None
-    out_dtype = out_dtype if isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point else torch.bfloat16
+    out_dtype = getattr(torch, spec.dtype, None)
+    if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point or out_dtype in FP8:
+        out_dtype = torch.bfloat16
     problems = []
     for key in fp8:
         sk = key + SCALE_SUFFIX

@@ -11,6 +11,7 @@ local tensors; readers use the same function backwards to find canonical tensors
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import logging
 import os
@@ -223,8 +224,6 @@ def _dense_layers(freq: Any, L: int, where: str) -> tuple:
     """Megatron's ``moe_layer_freq``: an int k (every k-th layer is MoE, from layer 0) or a per-layer
     list of 1 (MoE) / 0 (dense); the command-line string form ``"([0]*3+[1]*29)"`` too."""
     if isinstance(freq, str):
-        import ast
-
         try:
             freq = int(freq) if freq.strip().isdigit() else _eval_list(ast.parse(freq.strip(), mode="eval").body)
         except (ValueError, SyntaxError):
@@ -239,8 +238,6 @@ def _dense_layers(freq: Any, L: int, where: str) -> tuple:
 
 def _eval_list(node) -> list:
     """A list literal, or sums and products of list literals with ints (``[0]*3+[1]*29``)."""
-    import ast
-
     if isinstance(node, ast.List):
         return [int(ast.literal_eval(x)) for x in node.elts]
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):

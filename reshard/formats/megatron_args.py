@@ -24,28 +24,8 @@ def make_args(spec: ModelSpec, layout: Layout, dtype: torch.dtype, ckpt_format: 
               moe_grouped_gemm: bool = False) -> Namespace:
     rs = dict(spec.rope_scaling or {})
     llama3_scaling = rs.get("rope_type") == "llama3"
-    return Namespace(**_mla_args(spec, rs), **_model_args(spec, layout, dtype, ckpt_format, transformer_impl,
-                                                           iteration, moe_grouped_gemm, rs, llama3_scaling))
-
-
-def _mla_args(spec: ModelSpec, rs: dict) -> dict:
-    """Multi-latent attention and DeepSeek routing (Megatron-LM's --multi-latent-attention flags)."""
-    if not spec.mla:
-        return {"multi_latent_attention": False}
-    yarn = rs.get("rope_type") == "yarn"
-    return dict(
-        multi_latent_attention=True, q_lora_rank=spec.q_lora_rank, kv_lora_rank=spec.kv_lora_rank,
-        qk_head_dim=spec.qk_nope_head_dim, qk_pos_emb_head_dim=spec.qk_rope_head_dim, v_head_dim=spec.v_head_dim,
-        rope_type="yarn" if yarn else "rope", rotary_scaling_factor=float(rs.get("factor", 1.0)),
-        mscale=float(rs.get("mscale", 1.0)), mscale_all_dim=float(rs.get("mscale_all_dim", 0.0)),
-        original_max_position_embeddings=int(rs.get("original_max_position_embeddings", spec.max_position_embeddings)),
-        beta_fast=float(rs.get("beta_fast", 32)), beta_slow=float(rs.get("beta_slow", 1)),
-    )
-
-
-def _model_args(spec, layout, dtype, ckpt_format, transformer_impl, iteration, moe_grouped_gemm, rs,
-                llama3_scaling) -> dict:
-    return dict(
+    return Namespace(
+        **_mla_args(spec, rs),
         # architecture
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
@@ -111,6 +91,21 @@ def _model_args(spec, layout, dtype, ckpt_format, transformer_impl, iteration, m
         iteration=iteration or 0,
         consumed_train_samples=0,
         consumed_valid_samples=0,
+    )
+
+
+def _mla_args(spec: ModelSpec, rs: dict) -> dict:
+    """Multi-latent attention and its RoPE (Megatron-LM's --multi-latent-attention flags)."""
+    if not spec.mla:
+        return {"multi_latent_attention": False}
+    yarn = rs.get("rope_type") == "yarn"
+    return dict(
+        multi_latent_attention=True, q_lora_rank=spec.q_lora_rank, kv_lora_rank=spec.kv_lora_rank,
+        qk_head_dim=spec.qk_nope_head_dim, qk_pos_emb_head_dim=spec.qk_rope_head_dim, v_head_dim=spec.v_head_dim,
+        rope_type="yarn" if yarn else "rope", rotary_scaling_factor=float(rs.get("factor", 1.0)),
+        mscale=float(rs.get("mscale", 1.0)), mscale_all_dim=float(rs.get("mscale_all_dim", 0.0)),
+        original_max_position_embeddings=int(rs.get("original_max_position_embeddings", spec.max_position_embeddings)),
+        beta_fast=float(rs.get("beta_fast", 32)), beta_slow=float(rs.get("beta_slow", 1)),
     )
 
 

@@ -4,17 +4,17 @@ ungated shared experts (FORMATS.md §7; Megatron-Bridge ``deepseek/common.py``).
 
 Multi-latent attention, HF ``self_attn.`` -> Megatron-core ``self_attention.``: the down-projections and
 the latent norms are replicated over TP (Transformer Engine's duplicated linears; the local spec's
-ColumnParallelLinear down-projections split their rows in legacy files - ``local_tp_rule``); the up-projections split their rows by heads, and ``o_proj`` its
-columns. Rows keep HF's per-head order (``[nope | rope]`` for q, ``[k_nope | v]`` for kv_b): no permutation.
+ColumnParallelLinear down-projections split their rows in legacy files - ``local_tp_rule``); the
+up-projections split their rows by heads, and ``o_proj`` its columns. Rows keep HF's per-head order (``[nope | rope]`` for q, ``[k_nope | v]`` for kv_b): no permutation.
 HF's interleaved RoPE pairs are what Megatron-core's MLA rotary de-interleaves itself. The latent norms are
 ``q_layernorm`` / ``kv_layernorm`` under the local spec and fused into the up-projections under TE.
 """
 
 import dataclasses
 
-from ..mapping import Column, GatedMLP, MappingTable, Replicated, Row
+from ..mapping import Column, MappingTable, Replicated, Row
 from . import llama
-from .moe import _moe_block
+from .moe import _moe_block, shared_experts
 
 _L = "model.layers.{i}."
 _A = _L + "self_attn."
@@ -40,6 +40,7 @@ _MLA = (
         dims=("hidden", "v_rows")),
 )
 
+
 def _local_dense_norm(e):
     """Megatron-core keys an MLA model's local-spec norms by their own names in torch_dist (no TE
     remapping): a dense layer's pre-MLP norm is written under both spellings, as the latent norms are."""
@@ -53,12 +54,6 @@ DEEPSEEK_V3 = MappingTable(
     top=llama.TABLE.top,
     layer=_MLA + tuple(_local_dense_norm(e) for e in _moe_block(
         _L + "mlp.gate", _L + "mlp.experts.{e}.", "gate_proj.weight", "up_proj.weight", "down_proj.weight",
-        shared=(
-            GatedMLP(mcore="mlp.shared_experts.linear_fc1.weight", extra_state="mlp.shared_experts.linear_fc1",
-                     when="shared_expert", gate=_L + "mlp.shared_experts.gate_proj.weight",
-                     up=_L + "mlp.shared_experts.up_proj.weight", ffn="shared_ffn"),
-            Row(mcore="mlp.shared_experts.linear_fc2.weight", extra_state="mlp.shared_experts.linear_fc2",
-                when="shared_expert", hf=_L + "mlp.shared_experts.down_proj.weight", dims=("hidden", "shared_ffn")),
-        ))),
+        shared=shared_experts("mlp.shared_experts."))),
     dropped=llama.TABLE.dropped,
 )

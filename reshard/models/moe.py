@@ -41,6 +41,22 @@ def _moe_block(router: str, expert: str, gate: str, up: str, down: str, shared: 
     ) + shared)
 
 
+def shared_experts(prefix: str, gate: str = None) -> tuple:
+    """Shared-expert entries (``prefix`` = the HF module, e.g. ``mlp.shared_expert.``), with the
+    sigmoid gate ``[1, h]`` on their output when ``gate`` names it (Qwen2-MoE; DeepSeek has none)."""
+    out = (
+        GatedMLP(mcore="mlp.shared_experts.linear_fc1.weight", extra_state="mlp.shared_experts.linear_fc1",
+                 when="shared_expert", gate=_L + prefix + "gate_proj.weight", up=_L + prefix + "up_proj.weight",
+                 ffn="shared_ffn"),
+        Row(mcore="mlp.shared_experts.linear_fc2.weight", extra_state="mlp.shared_experts.linear_fc2",
+            when="shared_expert", hf=_L + prefix + "down_proj.weight", dims=("hidden", "shared_ffn")),
+    )
+    if gate:
+        out += (Replicated(mcore="mlp.shared_experts.gate_weight", when="shared_gate", hf=_L + gate,
+                           dims=("one", "hidden")),)
+    return out
+
+
 MIXTRAL = MappingTable(
     family="mixtral",
     top=llama.TABLE.top,
@@ -54,14 +70,6 @@ QWEN2_MOE = MappingTable(
     top=llama.TABLE.top,
     layer=_ATTENTION + _moe_block(
         _L + "mlp.gate", _L + "mlp.experts.{e}.", "gate_proj.weight", "up_proj.weight", "down_proj.weight",
-        shared=(
-            GatedMLP(mcore="mlp.shared_experts.linear_fc1.weight", extra_state="mlp.shared_experts.linear_fc1",
-                     when="shared_expert", gate=_L + "mlp.shared_expert.gate_proj.weight",
-                     up=_L + "mlp.shared_expert.up_proj.weight", ffn="shared_ffn"),
-            Row(mcore="mlp.shared_experts.linear_fc2.weight", extra_state="mlp.shared_experts.linear_fc2",
-                when="shared_expert", hf=_L + "mlp.shared_expert.down_proj.weight", dims=("hidden", "shared_ffn")),
-            Replicated(mcore="mlp.shared_experts.gate_weight", when="shared_gate",
-                       hf=_L + "mlp.shared_expert_gate.weight", dims=("one", "hidden")),
-        )),
+        shared=shared_experts("mlp.shared_expert.", gate="mlp.shared_expert_gate.weight")),
     dropped=llama.TABLE.dropped,
 )
