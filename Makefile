@@ -52,6 +52,8 @@ bench: setup
 	# HF -> torch_dist, legacy -> legacy, torch_dist -> HF, HF -> Meta against cp -r + sync and the
 	# single-process pattern, with ratios (add --cases moe for the MoE import)
 	$(PY) benchmarks/bench_all.py
+	# live resharding (reshard.api) against full-gather-then-slice, trainer TP=2 PP=2 -> TP=4 on 4 ranks
+	$(PY) benchmarks/bench_api.py
 
 gpu-check: setup
 	bash benchmarks/gpu_check.sh

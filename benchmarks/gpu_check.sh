@@ -37,3 +37,14 @@ for fmt in hf megatron_legacy; do
   done
   "$py" -m reshard compare "$work/${fmt}_cpu" "$work/${fmt}_cuda"
 done
+# reshard.api over NCCL with CUDA tensors (one GPU per rank, so 2+ GPUs), checksums equal to the gloo run's
+if [ "$ngpu" -ge 2 ]; then
+  for dev in cpu cuda; do
+    "$py" -m torch.distributed.run --standalone --nproc-per-node 2 examples/live_reshard.py --device "$dev" \
+      --layouts small | sed "s/^/api $dev: /" | tee "$work/api_$dev.txt"
+  done
+  diff <(grep -o 'rank .*checksum.*' "$work/api_cpu.txt" | sort) <(grep -o 'rank .*checksum.*' "$work/api_cuda.txt" | sort) \
+    && echo "reshard.api: NCCL/CUDA result bit-equal to gloo/CPU (per-rank checksums)"
+else
+  echo "reshard.api NCCL check skipped: it needs 2+ GPUs (NCCL refuses two ranks on one GPU)"
+fi

@@ -123,15 +123,15 @@ def init(device: str = "cpu", timeout_s: int = 1800) -> RankEnv:
     return env
 
 
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+def rank(group=None) -> int:
+    return dist.get_rank(group) if dist.is_initialized() else 0
 
 
-def world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+def world(group=None) -> int:
+    return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
-def agree(err: Optional[BaseException], what: str) -> None:
+def agree(err: Optional[BaseException], what: str, group=None) -> None:
     """Collective verdict on ``what``: raises on every rank when any rank failed it (``err``).
 
     A rank that failed raises its own ``err``; the others raise :class:`PeerError` naming the
@@ -139,24 +139,25 @@ def agree(err: Optional[BaseException], what: str) -> None:
     and rank 0's one line says what happened wherever it happened. Either exception is marked
     (:func:`agreed`) so that callers further up do not hold a second vote on the same failure.
     A rank that lost a peer (or was interrupted) raises at once: there is nobody to vote with.
+    ``group``: the ranks that vote (default: every rank); ranks are numbered within it.
     """
     if err is not None and (is_lost_peer(err) or isinstance(err, Interrupted)):
         err._reshard_agreed = True
         raise err
-    failed = {rank(): summary(err)} if err is not None else {}
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    failed = {rank(group): summary(err)} if err is not None else {}
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
         try:
-            dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            dev = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
             flag = torch.tensor([0 if err is None else 1], dtype=torch.int32, device=dev)
-            bad = [torch.zeros(1, dtype=torch.int32, device=dev) for _ in range(dist.get_world_size())]
-            dist.all_gather(bad, flag)
+            bad = [torch.zeros(1, dtype=torch.int32, device=dev) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(bad, flag, group=group)
             if any(int(b) for b in bad):
-                failed = {r: m for r, m in enumerate(gather_objects(summary(err) if err is not None else None))
-                          if m is not None}
+                mine = summary(err) if err is not None else None
+                failed = {r: m for r, m in enumerate(gather_objects(mine, group=group)) if m is not None}
         except Exception as e:
             if not is_lost_peer(e):
                 raise
-            raise lost_peer(what, rank(), e) from None
+            raise lost_peer(what, rank(group), e) from None
     if failed:
         r0 = min(failed)
         more = f" (and rank(s) {sorted(failed)[1:]})" if len(failed) > 1 else ""
@@ -195,12 +196,12 @@ def broadcast_object(obj, src: int = 0, what: str = "a broadcast between ranks")
     return box[0]
 
 
-def gather_objects(obj, what: str = "a gather between ranks"):
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+def gather_objects(obj, what: str = "a gather between ranks", group=None):
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return [obj]
-    out = [None] * dist.get_world_size()
+    out = [None] * dist.get_world_size(group)
     with collective(what):
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=group)
     return out
 
 

@@ -110,6 +110,18 @@ def _assign_readers(pieces: List[Piece], world: int) -> None:
         p.id = i
 
 
+def _choose_readers(pieces: List[Piece], readers_of: Callable[[Piece], Sequence[int]]) -> None:
+    """Live sources, where several ranks hold the same bytes (data-parallel replicas, TP-replicated
+    norms): a writer that holds the piece reads it itself; otherwise the holder that has sent the
+    fewest bytes so far sends it (ties: the lowest rank), so replicas share the load."""
+    sent: Dict[int, int] = defaultdict(int)
+    for p in pieces:
+        holders = readers_of(p)
+        here = [w for w in p.writers if w in holders]
+        p.reader = here[0] if here else min(holders, key=lambda r: (sent[r], r))
+        sent[p.reader] += p.out_nbytes * sum(w != p.reader for w in p.writers)
+
+
 def _assign_rounds(pieces: Sequence[Piece], world: int, budget: int) -> int:
     """Pack moving pieces into rounds where no rank sends + receives more than ``budget``."""
     rounds = 0
@@ -140,11 +152,15 @@ def build_plan(
     max_piece_bytes: Optional[int] = None,
     writers_of: Optional[Callable[[Piece, TargetTensor], Tuple[int, ...]]] = None,
     read_by_writer: bool = False,
+    readers_of: Optional[Callable[[Piece], Sequence[int]]] = None,
 ) -> Plan:
     """Plan the whole conversion. ``writers_of`` gives the ranks that must store a piece;
     by default the reader writes it (formats whose chunks may be written by any rank).
     ``read_by_writer``: each piece is read by (the first of) its writers - nothing moves between
-    ranks; otherwise readers take contiguous runs of the source and pieces move to their writers."""
+    ranks; otherwise readers take contiguous runs of the source and pieces move to their writers.
+    ``readers_of``: the ranks that hold a piece's bytes, when not every rank can read every file
+    (live state dicts, :mod:`reshard.api`); pieces are then ordered by target tensor, in the order
+    of ``targets``, so the rounds complete the targets one after another."""
     assert world >= 1
     by_key = {t.key: t for t in targets}
     pieces: List[Piece] = []
@@ -154,11 +170,19 @@ def build_plan(
         max_piece_bytes = max(1 << 20, min(buffer_bytes // 2, math.ceil(total / (8 * world))))
     for p in raw:
         pieces.extend(_split(p, max_piece_bytes))
-    _assign_readers(pieces, world)
-    for p in pieces:
-        p.writers = tuple(writers_of(p, by_key[p.key])) if writers_of else (p.reader,)
-        if read_by_writer:
-            p.reader = p.writers[0]
+    if readers_of is None:
+        _assign_readers(pieces, world)
+        for p in pieces:
+            p.writers = tuple(writers_of(p, by_key[p.key])) if writers_of else (p.reader,)
+            if read_by_writer:
+                p.reader = p.writers[0]
+    else:
+        order = {t.key: i for i, t in enumerate(targets)}
+        pieces.sort(key=lambda p: (order[p.key], p.dst_off))
+        for i, p in enumerate(pieces):
+            p.id = i
+            p.writers = tuple(writers_of(p, by_key[p.key]))
+        _choose_readers(pieces, readers_of)
     num_rounds = _assign_rounds(pieces, world, buffer_bytes)
     return Plan(world, pieces, by_key, num_rounds, max_piece_bytes, buffer_bytes)
 

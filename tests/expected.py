@@ -49,3 +49,44 @@ def expected_torch_dist(hf: dict, spec: dict, padded_vocab: int) -> dict:
 def read_dcp(ckpt_dir: str):
     """(tensors, objects) of a DCP checkpoint, read with plain torch.distributed.checkpoint."""
     return load_full(ckpt_dir)
+
+
+def expected_hf_tp(hf: dict, spec: dict, tp: int, t: int, fused: bool = False, vocab_pad: int = 64) -> dict:
+    """What vLLM's weight loaders leave on TP rank ``t`` (FORMATS.md §9), cut by hand from the HF tensors:
+    q/k/v rows by heads (a kv head repeated over tp/ng ranks when there are fewer kv heads than ranks),
+    gate/up/w1/w3 by rows, o/down/w2 by columns, vocab rows padded with zeros to a multiple of
+    ``vocab_pad`` and split evenly, the rest whole; ``fused``: qkv_proj, gate_up_proj, experts w13/w2."""
+    ng = spec["num_query_groups"]
+
+    def cut(name, w):
+        leaf = name.rsplit(".", 2)[-2]
+        if leaf in ("embed_tokens", "lm_head"):
+            padded = -(-w.shape[0] // vocab_pad) * vocab_pad
+            return torch.cat([w, w.new_zeros(padded - w.shape[0], *w.shape[1:])]).chunk(tp)[t]
+        if leaf in ("k_proj", "v_proj") and ng < tp:
+            return w.chunk(ng)[t // (tp // ng)]
+        if leaf in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "w1", "w3", "q_b_proj", "kv_b_proj"):
+            return w.chunk(tp)[t]
+        if leaf in ("o_proj", "down_proj", "w2"):
+            return w.chunk(tp, dim=1)[t]
+        return w
+
+    out = {n: cut(n, w) for n, w in hf.items() if not n.endswith("rotary_emb.inv_freq")}
+    if not fused:
+        return out
+    for n in [n for n in out if ".q_proj." in n]:
+        out[n.replace("q_proj", "qkv_proj")] = torch.cat([out.pop(n.replace("q_proj", x)) for x in
+                                                          ("q_proj", "k_proj", "v_proj")])
+    for n in [n for n in out if ".gate_proj." in n and ".experts." not in n]:
+        out[n.replace("gate_proj", "gate_up_proj")] = torch.cat([out.pop(n), out.pop(n.replace("gate_proj", "up_proj"))])
+    experts = {}
+    for n in [n for n in out if ".experts." in n and n.split(".experts.")[1].split(".")[0].isdigit()]:
+        pre, rest = n.split(".experts.")
+        e, leaf = int(rest.split(".")[0]), rest.split(".")[1]
+        experts.setdefault(pre, {}).setdefault(e, {})[leaf] = out.pop(n)
+    for pre, by_e in experts.items():
+        gate, up, down = ("w1", "w3", "w2") if "w1" in by_e[0] else ("gate_proj", "up_proj", "down_proj")
+        E = len(by_e)
+        out[pre + ".experts.w13_weight"] = torch.stack([torch.cat([by_e[e][gate], by_e[e][up]]) for e in range(E)])
+        out[pre + ".experts.w2_weight"] = torch.stack([by_e[e][down] for e in range(E)])
+    return out

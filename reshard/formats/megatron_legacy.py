@@ -208,7 +208,7 @@ class _Want:
     local_expert: Optional[int] = None
 
 
-def _top_entries(spec: ModelSpec, layout: Layout, table: MappingTable, pp: int, v: int) -> list:
+def top_entries(spec: ModelSpec, layout: Layout, table: MappingTable, pp: int, v: int) -> list:
     """The non-layer entries of one model chunk: the embedding on the first, the rest (final norm,
     output layer) on the last."""
     pre = pp == 0 and v == 0
@@ -217,8 +217,8 @@ def _top_entries(spec: ModelSpec, layout: Layout, table: MappingTable, pp: int, 
 
 
 def _wanted(spec: ModelSpec, layout: Layout, table: MappingTable, pp: int, v: int, ep: int) -> List[_Want]:
-    out = [_Want(e, None, (e.mcore,)) for e in _top_entries(spec, layout, table, pp, v)]
-    for e, i, j, local in _file_layers(spec, layout, table, pp, v, ep):
+    out = [_Want(e, None, (e.mcore,)) for e in top_entries(spec, layout, table, pp, v)]
+    for e, i, j, local in file_layers(spec, layout, table, pp, v, ep):
         if e.expert is None:
             out.append(_Want(e, i, _layer_names(e, j), j))
         else:
@@ -335,7 +335,7 @@ def stored(path: str) -> list:
 
 # ------------------------------------------------------------------------- writing
 
-def _file_layers(spec: ModelSpec, layout: Layout, table: MappingTable, pp: int, v: int, ep: int):
+def file_layers(spec: ModelSpec, layout: Layout, table: MappingTable, pp: int, v: int, ep: int):
     """``(entry, global layer, local layer, local expert)`` of one file's ``model``/``modelK``:
     every non-expert layer tensor, and the experts of EP rank ``ep`` under local indices."""
     E = spec.num_experts
@@ -351,24 +351,30 @@ def _file_layers(spec: ModelSpec, layout: Layout, table: MappingTable, pp: int, 
                 yield e, i, j, local
 
 
+def rank_items(spec: ModelSpec, layout: Layout, table: MappingTable, pp: int, v: int, ep: int,
+               impl: str = "transformer_engine", grouped: bool = False, tied_copy: bool = True):
+    """``(entry, global layer or None, name)`` of every tensor of one model chunk of a model-parallel
+    rank, named as Megatron-core's ``state_dict()`` names them there (stage-local layer numbers; with
+    ``tied_copy`` the last stage's copy of a tied embedding, ``output_layer.weight``)."""
+    items = [(e, None, e.mcore) for e in top_entries(spec, layout, table, pp, v)]
+    if tied_copy and pp == layout.pp - 1 and v == layout.vp - 1 and spec.tie_word_embeddings and layout.pp > 1:
+        items.append((next(e for e in table.top if e.mcore.startswith("embedding.")), None, "output_layer.weight"))
+    for e, i, j, local in file_layers(spec, layout, table, pp, v, ep):
+        items.append((e.under(impl), i, f"decoder.layers.{j}.{e.megatron_name(local, grouped, impl)}"))
+    return items
+
+
 def targets(spec: ModelSpec, layout: Layout, table: MappingTable, dtype_of: Callable[[str], torch.dtype],
             impl: str = "transformer_engine", grouped: bool = False) -> List[TargetTensor]:
     """The local tensors of every file at the target layout (``mp_rank_TT[_PPP][_EEE]``; with
     EP every file holds the whole non-expert model of its TP/PP rank and its EP rank's experts)."""
     out = []
-    embed = next(e for e in table.top if e.mcore.startswith("embedding."))
     for pp in range(layout.pp):
         for ep in range(layout.ep):
             for t in range(layout.tp):
                 file = f"{rank_dirname(t, pp, layout, ep)}/{FILE}"
                 for v, mkey in enumerate(model_keys(layout)):
-                    post = pp == layout.pp - 1 and v == layout.vp - 1
-                    items = [(e, None, e.mcore) for e in _top_entries(spec, layout, table, pp, v)]
-                    if post and spec.tie_word_embeddings and layout.pp > 1:
-                        items.append((embed, None, "output_layer.weight"))  # the tied copy Megatron keeps
-                    for e, i, j, local in _file_layers(spec, layout, table, pp, v, ep):
-                        items.append((e.under(impl), i, f"decoder.layers.{j}.{e.megatron_name(local, grouped, impl)}"))
-                    for e, i, name in items:
+                    for e, i, name in rank_items(spec, layout, table, pp, v, ep, impl, grouped):
                         pls = mg.local_placements(e, spec, layout, t, i)
                         dts = {dtype_of(p.canonical) for p in pls}
                         assert len(dts) == 1, (name, dts)
@@ -381,7 +387,7 @@ def extra_state_names(spec: ModelSpec, layout: Layout, table: MappingTable, pp: 
                       grouped: bool = False) -> List[str]:
     """``_extra_state`` entries Megatron's ``state_dict()`` has (``None`` without FP8)."""
     out = []
-    for e, _, j, local in _file_layers(spec, layout, table, pp, v, 0):
+    for e, _, j, local in file_layers(spec, layout, table, pp, v, 0):
         if not e.extra_state:
             continue
         if e.expert is None:
