@@ -20,8 +20,9 @@ from reshard.errors import LayoutError
 def models(hf_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("api")
     mixtral = save_transformers_model("tiny_mixtral", str(root / "mixtral"))
-    out = {"llama3": {"hf": hf_models["llama3"]}, "mixtral": {"hf": mixtral}}
-    for name, d in out.items():
+    deepseek = save_transformers_model("tiny_deepseek_v3", str(root / "deepseek"))
+    out = {"llama3": {"hf": hf_models["llama3"]}, "mixtral": {"hf": mixtral}, "deepseek": {"hf": deepseek}}
+    for name, d in list(out.items())[:2]:
         d["td"] = str(root / f"{name}_td")
         run_reshard([f"source.path={d['hf']}", f"target.path={d['td']}", "parallel.target_tp=2",
                      "parallel.target_pp=2", f"paths.root={root}"], nproc=2)
@@ -31,7 +32,7 @@ def models(hf_models, tmp_path_factory):
 @pytest.fixture(scope="module")
 def three_ranks(models):
     p = run_torchrun(3, [os.path.join(REPO, "tests", "drivers", "api_live.py"), models["llama3"]["hf"],
-                         models["mixtral"]["hf"]], timeout=600)
+                         models["mixtral"]["hf"], models["deepseek"]["hf"]], timeout=600)
     return [line for line in p.stdout.splitlines() if line.startswith("OK ")]
 
 
@@ -72,6 +73,15 @@ def test_iter_full_sends_the_model_once_to_the_one_receiving_rank(three_ranks, m
 def test_virtual_pipeline_chunks_both_ways(three_ranks):
     assert _count(three_ranks, r"OK hf -> megatron pp2 vpp2 chunk [01] rank [12]") == 4
     assert _count(three_ranks, r"OK megatron pp2 vpp2 -> hf rank 0: 39 tensors equal") == 1
+
+
+def test_deepseek_v3_latent_attention_round_trip_through_megatron(three_ranks):
+    assert _count(three_ranks, r"OK tiny_deepseek_v3 hf -> megatron tp2 -> hf_tp tp2 rank [01]") == 2
+    assert _count(three_ranks, r"OK tiny_deepseek_v3 hf -> megatron tp2 -> hf rank 2") == 1
+
+
+def test_a_plan_over_a_subgroup_numbers_ranks_within_it(three_ranks):
+    assert _count(three_ranks, r"OK subgroup \[1, 2\]: hf on group rank 0 -> megatron on group rank 1 rank 2") == 1
 
 
 def test_a_mismatched_state_fails_on_every_rank_naming_the_tensors_before_any_byte_moves(three_ranks):

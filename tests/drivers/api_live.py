@@ -1,6 +1,6 @@
 """torchrun script (3 ranks, gloo): :mod:`reshard.api` between live state dicts, no Megatron import.
 
-    torchrun --nproc-per-node 3 tests/drivers/api_live.py LLAMA_HF_DIR MIXTRAL_HF_DIR
+    torchrun --nproc-per-node 3 tests/drivers/api_live.py LLAMA_HF_DIR MIXTRAL_HF_DIR DEEPSEEK_HF_DIR
 
 The source states are cut by hand from HF tensors saved by transformers (``expected_local``: Megatron-core
 names and shards; ``expected_hf_tp``: vLLM's), every received tensor is compared with the same hand-made
@@ -65,7 +65,7 @@ def compare(case, got, exp, rank, extra=""):
 
 
 def main():
-    llama_dir, mixtral_dir = sys.argv[1], sys.argv[2]
+    llama_dir, mixtral_dir, deepseek_dir = sys.argv[1:4]
     procgroup.init_gloo()
     r = dist.get_rank()
     for hf_dir in (llama_dir, mixtral_dir):
@@ -76,6 +76,8 @@ def main():
         hf = load_hf(hf_dir)
         run_family(spec, hf, r)
     virtual_pipeline(load_hf(llama_dir), r)
+    round_trip_deepseek(load_hf(deepseek_dir), r)
+    subgroup(load_hf(llama_dir), r)
     bad_state(r)
     procgroup.finish()
 
@@ -162,6 +164,41 @@ def virtual_pipeline(hf, r):
     back = api.reshard(api.plan("tiny_llama3", vpp, hf_lay), chunks)
     if r == 0:
         compare("megatron pp2 vpp2 -> hf", back, hf, r)
+
+
+def round_trip_deepseek(hf, r):
+    """Multi-latent attention, dense first layer, shared and routed experts: HF on rank 0 -> Megatron TP=2
+    (TE names: replicated down-projections) on ranks 1, 2 -> vLLM TP=2 on ranks 0, 1 and HF on rank 2."""
+    name = "tiny_deepseek_v3"
+    spec = api.model_spec(name).to_dict()
+    hf_lay = api.Layout(naming="hf", ranks=(0,), dtype=F32)
+    mg = api.Layout(tp=2, ranks=(1, 2), dtype=F32)
+    state = api.reshard(api.plan(name, hf_lay, mg), hf if r == 0 else None)
+    if r in (1, 2):
+        q_down = state["decoder.layers.0.self_attention.linear_q_down_proj.weight"]
+        assert torch.equal(q_down, hf["model.layers.0.self_attn.q_a_proj.weight"])  # whole on each TP rank
+    got = api.reshard(api.plan(name, mg, api.Layout(tp=2, naming="hf_tp", ranks=(0, 1), dtype=F32)), state)
+    if r in (0, 1):
+        compare(f"{name} hf -> megatron tp2 -> hf_tp tp2", got, expected_hf_tp(hf, spec, 2, r), r)
+    back = api.reshard(api.plan(name, mg, api.Layout(naming="hf", ranks=(2,), dtype=F32)), state)
+    if r == 2:
+        compare(f"{name} hf -> megatron tp2 -> hf", back, hf, r)
+
+
+def subgroup(hf, r):
+    """A plan over a subgroup (global ranks 1, 2 as group ranks 0, 1): global rank 0 takes no part."""
+    group = dist.new_group([1, 2])
+    if r == 0:
+        return
+    spec = api.model_spec("tiny_llama3").to_dict()
+    pl = api.plan("tiny_llama3", api.Layout(naming="hf", ranks=(0,), dtype=F32),
+                  api.Layout(tp=1, ranks=(1,), impl="local", dtype=F32))
+    stats = {}
+    got = api.reshard(pl, hf if r == 1 else None, group=group, stats=stats)
+    if r == 2:
+        compare("subgroup [1, 2]: hf on group rank 0 -> megatron on group rank 1", got,
+                megatron_state(hf, spec, api.Layout(tp=1, impl="local", dtype=F32), 0), r,
+                f", received {stats['bytes_received']} bytes")
 
 
 def bad_state(r):
