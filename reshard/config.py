@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 
 from .errors import ConfigError
 
-SOURCE_FORMATS = ("auto", "hf", "torch_dist", "megatron_legacy", "meta")  # formats.NAMES
-TARGET_FORMATS = ("torch_dist", "megatron_legacy", "hf", "meta")
+SOURCE_FORMATS = ("auto", "hf", "fsdp_dtensor", "torch_dist", "megatron_legacy", "meta")  # formats.NAMES
+TARGET_FORMATS = ("torch_dist", "megatron_legacy", "hf", "meta", "fsdp_dtensor")
 PLANNED_TARGET_FORMATS = ()  # formats announced but not yet written (none at present)
 DTYPES = ("float32", "bfloat16", "float16")
 

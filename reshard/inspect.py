@@ -100,7 +100,7 @@ def format_text(info: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="reshard inspect", description=__doc__.split("\n\n")[0])
     ap.add_argument("path")
-    ap.add_argument("--format", default="auto", help="auto, hf, meta, megatron_legacy, torch_dist")
+    ap.add_argument("--format", default="auto", help="auto, hf, meta, megatron_legacy, torch_dist, fsdp_dtensor")
     ap.add_argument("--json", action="store_true", help="print JSON")
     ap.add_argument("--vocab-size", type=int, default=None,
                     help="true vocab of a Megatron checkpoint whose args record only the padded one")

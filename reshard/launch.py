@@ -51,9 +51,9 @@ def _preload(argv: List[str]) -> None:
     import torch.distributed  # noqa: F401
 
     from . import run  # noqa: F401
-    from .formats import files, hf, megatron_legacy, meta, torch_dist  # noqa: F401
+    from .formats import files, fsdp_dtensor, hf, megatron_legacy, meta, torch_dist  # noqa: F401
     fmt = next((a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("target.format=")), "torch_dist")
-    if fmt == "torch_dist":
+    if fmt in ("torch_dist", "fsdp_dtensor"):
         from .formats import dcp_writer  # noqa: F401
 
 

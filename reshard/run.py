@@ -401,7 +401,7 @@ def _convert(cfg) -> dict:
     if cfg.dry_run:
         from . import dryrun
 
-        rep = dryrun.report(job.plan, cfg.target.format != "torch_dist")
+        rep = dryrun.report(job.plan, cfg.target.format not in ("torch_dist", "fsdp_dtensor"))
         rep.update(source={"path": job.source, "format": job.index.format, "bytes": job.index.total_bytes},
                    target={"path": job.target, "format": cfg.target.format}, plan_seconds=stats.seconds["plan"])
         if rank == 0:

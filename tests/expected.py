@@ -4,6 +4,7 @@ tensors with the pure transforms (never with reshard's planner), and a plain-DCP
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 from safetensors import safe_open
@@ -89,4 +90,33 @@ def expected_hf_tp(hf: dict, spec: dict, tp: int, t: int, fused: bool = False, v
         E = len(by_e)
         out[pre + ".experts.w13_weight"] = torch.stack([torch.cat([by_e[e][gate], by_e[e][up]]) for e in range(E)])
         out[pre + ".experts.w2_weight"] = torch.stack([by_e[e][down] for e in range(E)])
+    return out
+
+
+def fsdp_keys_from_torch_dist(key: str, shape: tuple) -> dict:
+    """The keys and shapes Megatron-LM's ``convert-torch-dist-to-fsdp-dtensor --swiglu`` makes of one
+    torch_dist model key (its rules restated: prefix, stacked layers split, per-layer expert stacks split
+    per expert, SwiGLU fc1 halves), for comparing key lists. Note its one difference from what Megatron-FSDP
+    names: a *stacked* expert key (``decoder.layers.mlp.experts.experts.linear_fc1.weight``, homogeneous
+    MoE) is split by layer only and keeps ``.experts.experts.`` ``[E, ...]`` (``split_layers`` runs instead
+    of ``split_expert_weights``, and the SwiGLU patterns do not match it)."""
+    if "._extra_state" in key:
+        return {}
+    new, out = "model.module." + key, {}
+    if ".layers." in new and not re.search(r"layers\.(\d+)\.", new):
+        out = {new.replace(".layers.", f".layers.{i}."): shape[1:] for i in range(shape[0])}
+    elif ".experts.experts." in new:
+        base = new.replace(".experts.experts.", ".experts.")
+        a, _, b = base.partition(".weight")
+        out = {f"{a}.weight{e}{b}": shape[1:] for e in range(shape[0])}
+    else:
+        out = {new: shape}
+    swiglu = (r"\.mlp\.linear_fc1\.weight", r"\.mlp\.experts\.linear_fc1\.weight(\d+)",
+              r"\.mlp\.shared_experts\.linear_fc1\.weight")
+    for k in list(out):
+        if any(re.search(p, k) for p in swiglu):
+            s = out.pop(k)
+            half = (s[0] // 2,) + tuple(s[1:])
+            out[re.sub(r"(weight\d*)(.*)", r"\1_w\2", k)] = half
+            out[re.sub(r"(weight\d*)(.*)", r"\1_v\2", k)] = half
     return out

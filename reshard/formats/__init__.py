@@ -22,7 +22,8 @@ import os
 
 from ..errors import SourceError
 
-NAMES = ("hf", "torch_dist", "megatron_legacy", "meta")  # also the order in which detection tries them
+# also the order in which detection tries them (fsdp_dtensor before torch_dist: both are DCP directories)
+NAMES = ("hf", "fsdp_dtensor", "torch_dist", "megatron_legacy", "meta")
 
 
 def get(name: str):
