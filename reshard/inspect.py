@@ -37,6 +37,7 @@ def inspect(path: str, fmt: str = "auto", vocab_size=None) -> dict:
         info["iteration"] = index.iteration
         info["canonical_tensors"] = len(index.slices)
         info["canonical_bytes"] = index.total_bytes
+        info["not_carried"] = index.not_carried
         for f, names in sorted(index.unlisted.items()):
             info["problems"].append(f"{f} holds {len(names)} tensor(s) the index does not name: {sorted(names)[:8]}")
     except ReshardError as e:
@@ -86,6 +87,11 @@ def format_text(info: dict) -> str:
     for t in info["tensors"]:
         lines.append(f"  {t['name']:<{w}}  {str(tuple(t['shape'])):<22} {t['dtype']:<9} {t['bytes']:>14,d}  "
                      f"{t['file']}")
+    if info.get("not_carried"):
+        from .report import not_carried_text
+
+        lines.append("not converted by this version (training state beside the weights): "
+                     + not_carried_text(info["not_carried"]))
     if info.get("beside"):
         lines.append("beside it (a reshard run writing here now, or one that was interrupted: `reshard clean "
                      f"{info['path']}` removes what a gone run left): " + ", ".join(info["beside"]))

@@ -7,6 +7,13 @@ import os
 import sys
 
 
+def not_carried_text(not_carried: dict) -> str:
+    """One line for what the source held and the output does not (``SourceIndex.not_carried``)."""
+    return "; ".join(f"{kind} ({d['entries']} entr{'y' if d['entries'] == 1 else 'ies'}"
+                     + (f", {d['bytes'] / 1e6:.3f} MB" if d["bytes"] else "") + f": {d['where']})"
+                     for kind, d in sorted(not_carried.items()))
+
+
 def summarize(target: str) -> str:
     with open(os.path.join(target, "reshard_report.json")) as f:
         r = json.load(f)
@@ -28,6 +35,9 @@ def summarize(target: str) -> str:
         secs = ", ".join(f"{k} {v:.2f}s" for k, v in rk["seconds"].items())
         lines.append(f"  rank {rk['rank']}: read {rk['bytes_read']} B from {len(rk['files_opened'])} file(s), "
                      f"wrote {rk['bytes_written']} B, peak RSS {rk['peak_rss_mb']:.0f} MB ({secs})")
+    if r.get("not_carried"):
+        lines.append("NOT CARRIED (in the source, not in the output; this version converts model weights only): "
+                     + not_carried_text(r["not_carried"]))
     v = r.get("verify")
     lines.append(f"verified: {v['tensors']} canonical tensors, checksums of the re-read output equal the source's "
                  f"({v['seconds']:.2f} s)" if v else "not verified (verify=false)")

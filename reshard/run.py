@@ -359,6 +359,8 @@ def _report(job: Job, cfg, per_rank: List[dict], world: int) -> dict:
         "target": {"path": job.target, "format": cfg.target.format, "iteration": job.iteration},
         "spec": job.spec.to_dict(),
         "layout": job.common["reshard"]["layout"],
+        # training state the source holds and this version does not convert (optimizer, RNG, ...)
+        "not_carried": job.index.not_carried,
         "world_size": world,
         "pieces": len(job.plan.pieces),
         "rounds": job.plan.num_rounds,
@@ -398,11 +400,18 @@ def _convert(cfg) -> dict:
                  job.spec.model_type, job.spec.num_layers, job.index.format, job.index.total_bytes / 1e9,
                  len(job.index.files), cfg.target.format, job.layout.tp, job.layout.pp, job.layout.vpp, moe, world,
                  env.launcher, len(job.plan.pieces), job.plan.num_rounds)
+    if rank == 0 and job.index.not_carried:
+        from .report import not_carried_text
+
+        log.warning("not carried: the source also holds %s; this version converts model weights only, so the "
+                    "output will not have them (a training run resumed from it starts a new optimizer)",
+                    not_carried_text(job.index.not_carried))
     if cfg.dry_run:
         from . import dryrun
 
         rep = dryrun.report(job.plan, cfg.target.format not in ("torch_dist", "fsdp_dtensor"))
-        rep.update(source={"path": job.source, "format": job.index.format, "bytes": job.index.total_bytes},
+        rep.update(not_carried=job.index.not_carried,
+                   source={"path": job.source, "format": job.index.format, "bytes": job.index.total_bytes},
                    target={"path": job.target, "format": cfg.target.format}, plan_seconds=stats.seconds["plan"])
         if rank == 0:
             log.info("dry run (nothing read, sent or written):\n%s", dryrun.format_text(rep))

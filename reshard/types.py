@@ -69,6 +69,10 @@ class SourceIndex:
     guessed: Tuple[str, ...] = ()  # spec fields the format cannot record (a preset may set them)
     # stored tensors the format's own index does not name (file -> names): never read, always reported
     unlisted: Dict[str, List[str]] = field(default_factory=dict)
+    # what the source holds besides the weights and no target of this version carries (optimizer and RNG
+    # state, ...): kind -> {"entries": n, "bytes": tensor bytes, "where": how the format stores it}; named in
+    # the log, reshard_report.json and inspect
+    not_carried: Dict[str, dict] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:

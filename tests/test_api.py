@@ -172,3 +172,15 @@ def test_the_readme_example_runs_on_4_ranks():
         got, local, shard = (int(x) for x in re.search(r"received (\d+) bytes, (\d+) copied locally \(its shard: "
                                                        r"(\d+) bytes\)", line).groups())
         assert shard - 2 * 6 * 64 * 2 <= got + local <= shard
+
+
+def test_model_spec_from_a_preset_an_hf_config_and_megatron_args():
+    from reshard.formats.megatron_args import make_args
+    from reshard.layout import Layout as ParallelLayout
+    from reshard.spec import to_hf_config
+
+    spec = api.model_spec("tiny_mixtral")
+    assert api.model_spec(to_hf_config(spec)).num_experts == 8
+    args = make_args(spec, ParallelLayout(tp=2), torch.bfloat16, "torch_dist", "transformer_engine", None)
+    got = api.model_spec(args)
+    assert (got.num_layers, got.num_query_groups, got.num_experts, got.ffn_hidden_size) == (4, 2, 8, 96)

@@ -219,6 +219,7 @@ def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[
     index = SourceIndex(NAME, root, spec, shapes, dtypes, dict(slices), sizes, it)
     index.guessed = mg.GUESSED_FROM_ARGS if mg.spec_is_guessed(common) else ()
     index.source_layout = mg.layout_of_common(common, spec)
+    index.not_carried = td.not_carried(md)
     return index
 
 

@@ -96,14 +96,50 @@ def _plain(x):
 
 
 def _parse_one(path: str):
-    """What the index needs from one rank file: args and the model dicts (optimizer and RNG
-    state are skipped - they are not model weights)."""
+    """What the index needs from one rank file: args and the model dicts; and the tensor bytes of each
+    other entry (optimizer and RNG state: not model weights, not converted, reported)."""
     obj = parse_file(path)
     if not isinstance(obj, dict):
         raise SourceError(f"{path} holds a {type(obj).__name__}, not a Megatron checkpoint dict")
     keep = {k: v for k, v in obj.items()
             if k in ("args", "iteration", "checkpoint_version", "reshard") or re.fullmatch(r"model\d*", k)}
-    return _plain(keep)
+    return _plain(keep), {k: _tensor_bytes(v) for k, v in obj.items() if k not in keep}
+
+
+# training state in model_optim_rng.pt that no target carries (what Megatron saves beside the model)
+_TRAINING_STATE = {"optimizer": "optimizer state", "opt_param_scheduler": "learning-rate scheduler state",
+                   "rng_state": "RNG state", "rerun_state_machine": "rerun state machine",
+                   "num_floating_point_operations_so_far": "FLOPs counter"}
+
+
+def _tensor_bytes(x) -> int:
+    if isinstance(x, TensorRef):
+        n = x.dtype.itemsize
+        for s in x.shape:
+            n *= s
+        return n
+    if isinstance(x, dict):
+        return sum(_tensor_bytes(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in x)
+    return 0
+
+
+def _not_carried(others: Dict[str, dict], files: Dict[str, str]) -> Dict[str, dict]:
+    """The rank files' entries besides the model (per kind: files, tensor bytes) and ``distrib_optim.pt``."""
+    out: Dict[str, dict] = {}
+    for d, other in others.items():
+        for k, nbytes in other.items():
+            kind = _TRAINING_STATE.get(k, f"entry {k!r}")
+            e = out.setdefault(kind, {"entries": 0, "bytes": 0, "where": f"'{k}' in {FILE}"})
+            e["entries"] += 1
+            e["bytes"] += nbytes
+        opt = os.path.join(os.path.dirname(files[d]), "distrib_optim.pt")
+        if os.path.isfile(opt):
+            e = out.setdefault("distributed optimizer state", {"entries": 0, "bytes": 0, "where": "distrib_optim.pt"})
+            e["entries"] += 1
+            e["bytes"] += os.path.getsize(opt)
+    return out
 
 
 def _layer_names(entry, local: int) -> Tuple[str, ...]:
@@ -120,7 +156,8 @@ def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[
     dirs, files = _rank_files(ckpt)
     names = sorted(files)
     # Metadata of every file, parsed by the ranks in turn (each file's pickle once in the job).
-    parsed = dict(zip(names, rdist.map_shared(lambda d: _parse_one(files[d]), names)))
+    both = dict(zip(names, rdist.map_shared(lambda d: _parse_one(files[d]), names)))
+    parsed, others = {d: b[0] for d, b in both.items()}, {d: b[1] for d, b in both.items()}
     first = parsed[names[0]]
     spec = mg.spec_from_common(first, files[names[0]], vocab_size)
     src_layout = mg.layout_of_common(first, spec)
@@ -157,6 +194,7 @@ def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[
     index = SourceIndex(NAME, root, spec, shapes, found.dtypes, dict(found.slices), sizes, it)
     index.guessed = mg.GUESSED_FROM_ARGS if mg.spec_is_guessed(first) else ()
     index.source_layout = src_layout
+    index.not_carried = _not_carried(others, files)
     return index
 
 

@@ -63,6 +63,29 @@ def detect(path: str) -> bool:
 OPTIONAL_PREFIXES = ("optimizer.", "rng_state", "rerun_state_machine_state")
 
 
+NOT_CARRIED = {"optimizer.": "optimizer state", "rng_state": "RNG state",
+               "rerun_state_machine": "rerun state machine"}
+
+
+def not_carried(md) -> Dict[str, dict]:
+    """The DCP keys of training state (optimizer, RNG) that no target carries: counted, with their bytes."""
+    from .dcp_metadata import TensorStorageMetadata
+
+    out: Dict[str, dict] = {}
+    for key, meta in md.state_dict_metadata.items():
+        kind = next((v for k, v in NOT_CARRIED.items() if key.startswith(k)), None)
+        if kind is None:
+            continue
+        d = out.setdefault(kind, {"entries": 0, "bytes": 0, "where": f"{key.split('.')[0].split('/')[0]}* keys"})
+        d["entries"] += 1
+        if isinstance(meta, TensorStorageMetadata):
+            n = meta.properties.dtype.itemsize
+            for s in meta.size:
+                n *= s
+            d["bytes"] += n
+    return out
+
+
 def _record_tree(fd: int, info, where: str):
     return parse_record(fd, info.offset, info.length, where)
 
@@ -186,6 +209,7 @@ def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[
     index = SourceIndex(NAME, root, spec, shapes, dtypes, dict(slices), sizes, it)
     index.guessed = mg.GUESSED_FROM_ARGS if mg.spec_is_guessed(common) else ()
     index.source_layout = mg.layout_of_common(common, spec) if "args" in common or "reshard" in common else None
+    index.not_carried = not_carried(md)
     return index
 
 
