@@ -12,6 +12,7 @@ shard against the HF weights and prints what it received and a checksum.
 
 import argparse
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -59,9 +60,11 @@ def main():
     assert all(torch.equal(params[k], expect[k]) for k in params), "engine shard differs from the HF weights"
     checksum = sum(float(t.double().sum()) * (i + 1) for i, (_, t) in enumerate(sorted(params.items())))
     shard = sum(t.numel() * t.element_size() for t in params.values())
-    print(f"rank {rank}: {len(params)} engine tensors equal to the HF weights; received {stats['bytes_received']} "
-          f"bytes, {stats['bytes_local']} copied locally (its shard: {shard} bytes); checksum {checksum:.6e}",
-          flush=True)
+    # one write per line: the ranks share stdout, and print()'s text and newline can be split by another rank's line
+    sys.stdout.write(f"rank {rank}: {len(params)} engine tensors equal to the HF weights; received "
+                     f"{stats['bytes_received']} bytes, {stats['bytes_local']} copied locally (its shard: {shard} "
+                     f"bytes); checksum {checksum:.6e}\n")
+    sys.stdout.flush()
     dist.destroy_process_group()
 
 

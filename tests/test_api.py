@@ -166,12 +166,11 @@ def test_vllm_vocab_padding_and_kv_head_replication():
 
 def test_the_readme_example_runs_on_4_ranks():
     p = run_torchrun(4, [os.path.join(REPO, "examples", "live_reshard.py")], timeout=300)
-    lines = [x for x in p.stdout.splitlines() if "engine tensors equal to the HF weights" in x]
-    assert len(lines) == 4, p.stdout
-    for line in lines:  # what a rank received plus what it had already is its shard, less the zero padding rows
-        got, local, shard = (int(x) for x in re.search(r"received (\d+) bytes, (\d+) copied locally \(its shard: "
-                                                       r"(\d+) bytes\)", line).groups())
-        assert shard - 2 * 6 * 64 * 2 <= got + local <= shard
+    found = re.findall(r"rank (\d): 27 engine tensors equal to the HF weights; received (\d+) bytes, (\d+) copied "
+                       r"locally \(its shard: (\d+) bytes\)", p.stdout)
+    assert sorted(int(r) for r, *_ in found) == [0, 1, 2, 3], p.stdout
+    for _, got, local, shard in found:  # received + already held = its shard, less the zero padding rows
+        assert int(shard) - 2 * 6 * 64 * 2 <= int(got) + int(local) <= int(shard)
 
 
 def test_model_spec_from_a_preset_an_hf_config_and_megatron_args():
