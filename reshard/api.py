@@ -427,17 +427,17 @@ class Plan:
         self._raise_mismatch(rank, "source state", flat, shapes, dtypes, extra)
         return {k: flat[k] for k in shapes}
 
-    def prepare_out(self, rank: int, out: Optional[State], device: torch.device) -> Dict[str, torch.Tensor]:
-        """This rank's target tensors by internal name: ``out``'s (checked) or new ones; padding rows zeroed."""
+    def prepare_out(self, rank: int, flat: Optional[Dict[str, Any]], device: torch.device) -> Dict[str, torch.Tensor]:
+        """This rank's target tensors by internal name: those of ``flat`` (``out`` flattened; checked) or new
+        ones; padding rows zeroed."""
         if rank not in self.dst_slots:
             return {}
         slots = self.dst_slots[rank]
         shapes = {s.name: s.shape for s in slots}
         dtypes = {s.name: self._slot_dtype(s, self.dst_dtype, self.dst.dtype) for s in slots}
-        if out is None:
+        if flat is None:
             flat = {s.name: torch.empty(s.shape, dtype=dtypes[s.name], device=device) for s in slots}
         else:
-            flat = self._flatten(out, self.dst, "out state")
             extra = [k for k in flat if k not in shapes and not k.endswith("_extra_state")]
             self._raise_mismatch(rank, "out state", flat, shapes, dtypes, extra)
         for s in slots:
@@ -511,14 +511,21 @@ def _prepare(pl: Plan, src_state, out, group, full: bool = False):
         if rdist.world(group) < pl.world:
             raise LayoutError(f"the plan spans ranks 0..{pl.world - 1}; the process group has {rdist.world(group)}")
         src = pl.check_source(me, src_state)
-        device = _device(list(src.values()) + (list(pl._flatten(out, pl.dst, "out state").values())
-                                               if out is not None and not full else []), group)
+        flat_out = pl._flatten(out, pl.dst, "out state") if out is not None and me in pl.dst_slots else None
+        device = _device(list(src.values()) + list((flat_out or {}).values()), group)
         if not full:
-            dst = pl.prepare_out(me, out, device)
+            dst = pl.prepare_out(me, flat_out, device)
     except Exception as e:  # every rank hears of it before any byte moves
         err = e
     rdist.agree(err, "checking the state dicts against the plan", group=group)
     return me, src, dst, device
+
+
+def _counters(stats: Optional[Dict[str, float]]) -> Dict[str, float]:
+    counters = stats if stats is not None else {}
+    for k in ("bytes_sent", "bytes_received", "bytes_local"):
+        counters.setdefault(k, 0)
+    return counters
 
 
 def _reader(src: Dict[str, torch.Tensor]):
@@ -545,9 +552,7 @@ def reshard(plan: Plan, src_state: Optional[State], out: Optional[State] = None,
     bytes_received, bytes_local and rounds."""
     me, src, dst, device = _prepare(plan, src_state, out, group)
     sched = plan.schedule(int(bucket_mb * 2**20))
-    counters = stats if stats is not None else {}
-    for k in ("bytes_sent", "bytes_received", "bytes_local"):
-        counters.setdefault(k, 0)
+    counters = _counters(stats)
     read, by_key = _reader(src), {t.key: t.name for t in plan.targets}
     for p in sched.pieces:
         if p.round < 0 and p.reader == me:  # held here and needed only here
@@ -572,9 +577,7 @@ def iter_full(plan: Plan, src_state: Optional[State], ranks: Sequence[int] = (0,
     full = plan.full(tuple(ranks))
     me, src, _, device = _prepare(full, src_state, None, group, full=True)
     sched = full.schedule(int(bucket_mb * 2**20))
-    counters = stats if stats is not None else {}
-    for k in ("bytes_sent", "bytes_received", "bytes_local"):
-        counters.setdefault(k, 0)
+    counters = _counters(stats)
     read = _reader(src)
     targets = {t.key: t for t in full.targets}
     need = defaultdict(int)  # pieces still to arrive here, per target

@@ -35,10 +35,9 @@ from ..spec import ModelSpec
 from ..types import Placement, TargetTensor
 from . import megatron as mg
 from . import torch_dist as td
-from .base import RawReader, SourceIndex, SourceSlice, StoredTensor
+from .base import RawReader, SourceIndex, SourceSlice
 from .dcp_metadata import BytesStorageMetadata
-from .target import Target as _Target
-from .torchzip import TensorRef, parse_record
+from .torchzip import parse_record
 
 NAME = "fsdp_dtensor"
 ITERATIONS = True
@@ -197,29 +196,18 @@ def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[
     where = td._chunk_records(ckpt, [td._Key(k.key, [k.entry], [k.layer], False, m) for k, m in found], storage)
     slices: Dict[str, List[SourceSlice]] = defaultdict(list)
     dtypes: Dict[str, torch.dtype] = {}
-    rel = os.path.relpath(ckpt, root)
     for k, meta in found:
         rows = meta.size[0] if k.entry.tp_rule == "vocab" else None
         pls = placements(k, spec, glob, reading=True, rows=rows)
         for ch in meta.chunks:
-            f, ref = where[(k.key, tuple(ch.offsets))]
-            if not isinstance(ref, TensorRef) or tuple(ref.shape) != tuple(ch.sizes) or not ref.contiguous:
-                raise SourceError(f"{ckpt}/{f}: the record of {k.key} at {list(ch.offsets)} is not the "
-                                  f"contiguous {tuple(ch.sizes)} tensor .metadata promises")
-            st = StoredTensor(os.path.normpath(os.path.join(rel, f)), f"{k.key}@{list(ch.offsets)}",
-                              tuple(ch.sizes), ref.dtype, ref.offset)
+            st = td.chunk_tensor(ckpt, root, k.key, ch, where)
             for pl in pls:
                 sl = td._slice_in_chunk(st, pl, 0, tuple(ch.offsets), tuple(ch.sizes))
                 if sl is not None:
                     slices[pl.canonical].append(sl)
-                    dtypes[pl.canonical] = ref.dtype
-    shapes = {n: e.part_shape(spec, role) for n, (e, role, _) in table.canonical_names(spec).items()}
-    files = sorted({f for f, _ in where.values()})
-    sizes = {os.path.normpath(os.path.join(rel, f)): os.path.getsize(os.path.join(ckpt, f)) for f in files}
-    index = SourceIndex(NAME, root, spec, shapes, dtypes, dict(slices), sizes, it)
-    index.guessed = mg.GUESSED_FROM_ARGS if mg.spec_is_guessed(common) else ()
+                    dtypes[pl.canonical] = st.dtype
+    index = td.finish_index(NAME, root, ckpt, it, spec, table, common, md, where, slices, dtypes)
     index.source_layout = mg.layout_of_common(common, spec)
-    index.not_carried = td.not_carried(md)
     return index
 
 
@@ -253,33 +241,27 @@ def targets(spec: ModelSpec, layout: Layout, table: MappingTable, dtype_of) -> L
     return out
 
 
-class Target(_Target):
-    """A DCP checkpoint of the model's global tensors under Megatron-FSDP's keys: each piece one chunk,
-    written by the rank that holds it; the objects by rank 0; the tracker at the commit."""
+class Target(td.Target):
+    """torch_dist's writer under Megatron-FSDP's keys: each piece one chunk, written by the rank that holds
+    it; rank 0 writes the objects, no ``_extra_state`` and no ``metadata.json``; the tracker at the commit."""
 
     name = NAME
     ckpt_format = NAME
 
-    def __init__(self, ctx):
-        super().__init__(ctx)
-        self.subdir = mg.iteration_dirname(ctx.cfg.target.iteration)
-
     def tensors(self):
         c = self.ctx
         return targets(c.spec, c.layout, c.table, c.dtype_of)
+
+    def writers(self, tensors, world):
+        return None  # global tensors: any rank may write any chunk
 
     def common(self, dtype):
         common = super().common(dtype)
         common["checkpoint_version"] = CHECKPOINT_VERSION
         return common
 
-    def write(self, job, out_dir, rank, world, pieces, source, wrote) -> None:
-        from .dcp_writer import save
+    def objects(self, job, rank: int, world: int) -> Dict[str, object]:
+        return {k: job.common[k] for k in OBJECTS if k in job.common} if rank == 0 else {}
 
-        objects = {k: job.common[k] for k in OBJECTS if k in job.common} if rank == 0 else {}
-        save(out_dir, rank, world, pieces, job.plan.targets, source.payload, objects, self.io.fsync, wrote,
-             self.chunk, self.io.crc32)
-
-    def finish(self, job, stage: str) -> None:
-        mg.write_tracker(stage, job.iteration)
-
+    def side_files(self, job, out_dir: str) -> None:
+        pass

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 from collections import defaultdict
@@ -79,11 +80,12 @@ def not_carried(md) -> Dict[str, dict]:
         d = out.setdefault(kind, {"entries": 0, "bytes": 0, "where": f"{key.split('.')[0].split('/')[0]}* keys"})
         d["entries"] += 1
         if isinstance(meta, TensorStorageMetadata):
-            n = meta.properties.dtype.itemsize
-            for s in meta.size:
-                n *= s
-            d["bytes"] += n
+            d["bytes"] += _nbytes(meta)
     return out
+
+
+def _nbytes(meta) -> int:
+    return meta.properties.dtype.itemsize * math.prod(meta.size)
 
 
 def _record_tree(fd: int, info, where: str):
@@ -191,24 +193,37 @@ def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[
     where = _chunk_records(ckpt, keys, storage)
     slices: Dict[str, List[SourceSlice]] = defaultdict(list)
     dtypes: Dict[str, torch.dtype] = {}
-    rel = os.path.relpath(ckpt, root)
     for k in keys:
         for ch in k.meta.chunks:
-            f, ref = where[(k.key, tuple(ch.offsets))]
-            if not isinstance(ref, TensorRef) or tuple(ref.shape) != tuple(ch.sizes) or not ref.contiguous:
-                raise SourceError(f"{ckpt}/{f}: the record of {k.key} at {list(ch.offsets)} is not the "
-                                  f"contiguous {tuple(ch.sizes)} tensor .metadata promises")
-            st = StoredTensor(os.path.normpath(os.path.join(rel, f)), f"{k.key}@{list(ch.offsets)}",
-                              tuple(ch.sizes), ref.dtype, ref.offset)
-            for sl in _chunk_slices(spec, k, st, tuple(ch.offsets), tuple(ch.sizes)):
-                slices[sl[0]].append(sl[1])
-                dtypes[sl[0]] = ref.dtype
+            st = chunk_tensor(ckpt, root, k.key, ch, where)
+            for name, sl in _chunk_slices(spec, k, st, tuple(ch.offsets), tuple(ch.sizes)):
+                slices[name].append(sl)
+                dtypes[name] = st.dtype
+    index = finish_index(NAME, root, ckpt, it, spec, table, common, md, where, slices, dtypes)
+    index.source_layout = mg.layout_of_common(common, spec) if "args" in common or "reshard" in common else None
+    return index
+
+
+def chunk_tensor(ckpt: str, root: str, key: str, ch, where) -> StoredTensor:
+    """The stored tensor of one DCP chunk of ``key``, checked against what ``.metadata`` promises."""
+    f, ref = where[(key, tuple(ch.offsets))]
+    if not isinstance(ref, TensorRef) or tuple(ref.shape) != tuple(ch.sizes) or not ref.contiguous:
+        raise SourceError(f"{ckpt}/{f}: the record of {key} at {list(ch.offsets)} is not the "
+                          f"contiguous {tuple(ch.sizes)} tensor .metadata promises")
+    rel = os.path.relpath(ckpt, root)
+    return StoredTensor(os.path.normpath(os.path.join(rel, f)), f"{key}@{list(ch.offsets)}", tuple(ch.sizes),
+                        ref.dtype, ref.offset)
+
+
+def finish_index(name: str, root: str, ckpt: str, it, spec: ModelSpec, table: MappingTable, common: dict, md,
+                 where, slices, dtypes) -> SourceIndex:
+    """The SourceIndex of a DCP checkpoint (torch_dist, fsdp_dtensor) once its chunks are sliced."""
+    rel = os.path.relpath(ckpt, root)
     shapes = {n: e.part_shape(spec, role) for n, (e, role, _) in table.canonical_names(spec).items()}
     files = sorted({f for f, _ in where.values()})
     sizes = {os.path.normpath(os.path.join(rel, f)): os.path.getsize(os.path.join(ckpt, f)) for f in files}
-    index = SourceIndex(NAME, root, spec, shapes, dtypes, dict(slices), sizes, it)
+    index = SourceIndex(name, root, spec, shapes, dtypes, dict(slices), sizes, it)
     index.guessed = mg.GUESSED_FROM_ARGS if mg.spec_is_guessed(common) else ()
-    index.source_layout = mg.layout_of_common(common, spec) if "args" in common or "reshard" in common else None
     index.not_carried = not_carried(md)
     return index
 
@@ -360,11 +375,8 @@ def stored(path: str) -> list:
     out = []
     for k, m in sorted(md.state_dict_metadata.items()):
         if isinstance(m, TensorStorageMetadata):
-            n = m.properties.dtype.itemsize
-            for s in m.size:
-                n *= s
             out.append({"name": k, "file": f"{len(m.chunks)} chunk(s)", "shape": list(m.size),
-                        "dtype": str(m.properties.dtype)[6:], "bytes": n})
+                        "dtype": str(m.properties.dtype)[6:], "bytes": _nbytes(m)})
     return out
 
 
@@ -508,15 +520,20 @@ class Target(_Target):
     def writers(self, tensors, world):
         return layout_writers(self.ctx.spec, self.ctx.layout, world) if self.io.assign == "layout" else None
 
-    def write(self, job, out_dir, rank, world, pieces, source, wrote) -> None:
-        from .dcp_writer import save
-
+    def objects(self, job, rank: int, world: int) -> Dict[str, object]:
+        """This rank's DCP byte entries: its share of the ``_extra_state`` objects; rank 0 the common state."""
         objects: Dict[str, object] = {}
         for j, key in enumerate(extra_state_keys(job.spec, self.ctx.table)):
             if j % world == rank:
                 objects[key] = [None]
         if rank == 0:
             objects[COMMON_KEY] = [job.common]
+        return objects
+
+    def write(self, job, out_dir, rank, world, pieces, source, wrote) -> None:
+        from .dcp_writer import save
+
+        objects = self.objects(job, rank, world)
         save(out_dir, rank, world, pieces, job.plan.targets, source.payload,
              objects, self.io.fsync, wrote, self.chunk, self.io.crc32)
 
