@@ -268,7 +268,11 @@ def _check_layout(spec: ModelSpec, lay: Layout, side: str) -> None:
             problems.append("naming=hf holds full tensors: tp must be 1 (use naming=hf_tp for TP slices)")
         if lay.pp != 1 or lay.ep != 1 or lay.vpp not in (None, 1) or lay.etp not in (None, lay.tp):
             problems.append(f"naming={lay.naming} holds whole layers on every rank: pp, vpp, ep and etp must be 1")
-        if lay.naming == "hf_tp":
+        if lay.naming == "hf_tp" and spec.is_encoder:
+            problems.append(f"{spec.model_type} has no Hugging Face / vLLM spelling (Megatron's BertModel is "
+                            "pre-LayerNorm, HF's post-LayerNorm): use naming=megatron, or hf for full tensors "
+                            "under Megatron's TP=1 names")
+        elif lay.naming == "hf_tp":
             problems += _hf_tp_problems(spec, lay)
     if lay.ranks is not None and (len(lay.ranks) != lay.size or len(set(lay.ranks)) != len(lay.ranks)):
         problems.append(f"ranks={list(lay.ranks)} must be {lay.size} distinct ranks (the layout's size)")

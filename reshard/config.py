@@ -135,6 +135,8 @@ class ModelConfig:
     moe_router_group_topk: Optional[int] = None
     moe_router_topk_scaling_factor: Optional[float] = None
     mtp_layers: Optional[int] = None
+    num_tokentypes: Optional[int] = None
+    binary_head: Optional[bool] = None
 
 
 @dataclass

@@ -14,6 +14,7 @@ import os
 import sys
 
 from .errors import ReshardError
+from .spec import ENCODER_TYPES
 from .staging import leftovers
 
 
@@ -56,10 +57,14 @@ def format_text(info: dict) -> str:
     if a:
         rope = f"rope theta {a['rope_theta']:g}" + (f" ({a['rope_scaling'].get('rope_type')} x"
                                                     f"{a['rope_scaling'].get('factor')})" if a["rope_scaling"] else "")
+        if a["model_type"] in ENCODER_TYPES:  # LayerNorm, GeLU, biases everywhere, learned positions
+            rope = (f"LayerNorm eps {a['norm_eps']:g}, learned positions {a['max_position_embeddings']}, token types "
+                    f"{a.get('num_tokentypes', 0)}, binary head {a.get('binary_head', False)}")
+        else:
+            rope = f"qkv bias {a['qkv_bias']}, norm eps {a['norm_eps']:g}, {rope}"
         lines.append(f"architecture: {a['model_type']}, {a['num_layers']} layers, hidden {a['hidden_size']}, "
                      f"heads {a['num_attention_heads']} (kv {a['num_query_groups']}), head_dim {a['head_dim']}, "
-                     f"ffn {a['ffn_hidden_size']}, vocab {a['vocab_size']}, tied {a['tie_word_embeddings']}, "
-                     f"qkv bias {a['qkv_bias']}, norm eps {a['norm_eps']:g}, {rope}")
+                     f"ffn {a['ffn_hidden_size']}, vocab {a['vocab_size']}, tied {a['tie_word_embeddings']}, {rope}")
         if a.get("num_experts"):
             shared = ""
             if a.get("shared_expert_ffn_hidden_size"):

@@ -3,8 +3,9 @@ written in each entry (STYLE.md "Name mappings are tables").
 
 An entry names the canonical tensor(s) it consumes (``{i}`` = layer index), the Megatron
 name (Transformer-Engine spelling, plus the local-spec spelling where it differs, relative to
-``decoder.layers.{i}.`` for layer entries), and how the Megatron tensor is made of the
-canonical ones (:class:`~reshard.transforms.Segment` lists along dim 0) and split over TP.
+``decoder.layers.{i}.``, the table's ``layer_prefix``, for layer entries), and how the Megatron
+tensor is made of the canonical ones (:class:`~reshard.transforms.Segment` lists along dim 0) and
+split over TP.
 
 Mixture-of-experts entries are written once with an ``{e}`` (global expert) placeholder in
 their canonical names and ``{j}`` (expert index local to an expert-parallel rank) in their
@@ -44,6 +45,11 @@ def dims(spec: ModelSpec) -> Dict[str, int]:
         "experts": spec.num_experts,
         "moe_ffn": spec.expert_ffn,
         "shared_ffn": spec.shared_expert_ffn_hidden_size,
+        "qkv_rows": spec.qkv_rows,
+        # BERT: learned absolute positions, token types, the binary head's two classes
+        "positions": spec.max_position_embeddings,
+        "tokentypes": spec.num_tokentypes,
+        "two": 2,
         "one": 1,
     }
 
@@ -143,6 +149,8 @@ WHEN = {
     "shared_expert": lambda s: s.shared_expert_ffn_hidden_size > 0,
     "shared_gate": lambda s: s.shared_expert_ffn_hidden_size > 0 and s.shared_expert_gate,
     "expert_bias": lambda s: s.moe_expert_bias,
+    "tokentypes": lambda s: s.num_tokentypes > 0,
+    "binary_head": lambda s: s.binary_head,
 }
 
 
@@ -237,7 +245,7 @@ class MappingTable:
     top: Tuple[Entry, ...]
     layer: Tuple[Entry, ...]
     dropped: Tuple[str, ...] = ()  # canonical names ignored on purpose ({i} allowed)
-    layer_prefix: str = "decoder.layers.{i}."
+    layer_prefix: str = "decoder.layers.{i}."  # Megatron's block: decoder (GPTModel) or encoder (BertModel)
     _dropped_re: Tuple[re.Pattern, ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self):
@@ -275,6 +283,15 @@ class MappingTable:
         for e in self.layer:
             layer.extend([e.for_expert(k) for k in range(spec.num_experts)] if e.is_expert else [e])
         return MappingTable(self.family, self.top, tuple(layer), self.dropped, self.layer_prefix)
+
+    @property
+    def stack_prefix(self) -> str:
+        """``decoder.layers.``: the torch_dist key prefix of the stacked layer tensors."""
+        return self.layer_prefix.split("{i}")[0]
+
+    def layer_key(self, layer, name: str) -> str:
+        """A model chunk's name of a layer tensor (``decoder.layers.<layer>.<name>``)."""
+        return f"{self.stack_prefix}{layer}.{name}"
 
     def is_dropped(self, name: str) -> bool:
         return any(r.match(name) for r in self._dropped_re)

@@ -22,14 +22,20 @@ log = logging.getLogger(__name__)
 # Qwen3 is the Llama table with per-head q/k norms; Qwen3-MoE the Qwen2-MoE table without the
 # shared expert (its entries apply only when the spec has one).
 MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
-               "mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen2_moe", "deepseek_v3": "deepseek_v3"}
+               "mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen2_moe", "deepseek_v3": "deepseek_v3",
+               "bert": "bert"}
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                 "qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+                 "bert": "BertForPreTraining"}
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 # Families with an RMSNorm over each head's query and key (``self_attn.q_norm`` / ``k_norm``, ``[head_dim]``,
 # one norm shared by all heads) - Megatron-core's ``qk_layernorm=True``.
 QK_NORM_TYPES = ("qwen3", "qwen3_moe")
+# Encoder families: Megatron-core BertModel (block ``encoder``, LayerNorm with biases, GeLU MLP, learned
+# absolute positions). Their canonical names are Megatron's own at TP=1 (FORMATS.md §10): no HF class
+# computes what BertModel computes, so there is no HF spelling to convert through.
+ENCODER_TYPES = ("bert",)
 
 # Fields that change the weights or the maths: a preset that disagrees on one is an error.
 STRUCTURAL_FIELDS = (
@@ -39,7 +45,7 @@ STRUCTURAL_FIELDS = (
     "moe_norm_topk_prob", "shared_expert_ffn_hidden_size", "shared_expert_gate", "moe_expert_bias",
     "moe_router_score_function", "dense_layers", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
     "qk_rope_head_dim", "v_head_dim", "moe_router_num_groups", "moe_router_group_topk",
-    "moe_router_topk_scaling_factor",
+    "moe_router_topk_scaling_factor", "num_tokentypes", "binary_head",
 )
 # Fields that are carried through but do not change any tensor: a mismatch is a warning.
 INFORMATIONAL_FIELDS = ("max_position_embeddings", "sliding_window", "dtype", "mtp_layers")
@@ -89,6 +95,10 @@ class ModelSpec:
     moe_router_group_topk: int = 0
     moe_router_topk_scaling_factor: float = 1.0
     mtp_layers: int = 0  # multi-token-prediction layers the model was trained with (not converted)
+    # BERT: token-type (segment) embeddings [num_tokentypes, h] (Megatron: 2 with the binary head, else 0),
+    # and the pooler + binary (next-sentence) head
+    num_tokentypes: int = 0
+    binary_head: bool = False
     name: Optional[str] = field(default=None, compare=False)
 
     @property
@@ -123,6 +133,10 @@ class ModelSpec:
     @property
     def architecture(self) -> str:
         return ARCHITECTURES[self.model_type]
+
+    @property
+    def is_encoder(self) -> bool:
+        return self.model_type in ENCODER_TYPES
 
     @property
     def qk_norm(self) -> bool:
@@ -205,6 +219,14 @@ class ModelSpec:
         if self.model_type == "qwen2_moe" and not (self.shared_expert_ffn_hidden_size and self.shared_expert_gate):
             problems.append("qwen2_moe has a gated shared expert: set shared_expert_ffn_hidden_size and "
                             "shared_expert_gate=true")
+        if self.is_encoder:
+            if self.num_query_groups != self.num_attention_heads or self.num_experts:
+                problems.append(f"{self.model_type} has multi-head attention and no experts: num_query_groups must "
+                                f"equal num_attention_heads ({self.num_attention_heads}), num_experts 0")
+            if self.num_tokentypes < 0:
+                problems.append(f"num_tokentypes={self.num_tokentypes} must be >= 0")
+        elif self.num_tokentypes or self.binary_head:
+            problems.append(f"num_tokentypes / binary_head are BERT's; model_type={self.model_type} has neither")
         if problems:
             raise ConfigError("inconsistent model spec: " + "; ".join(problems))
 
@@ -237,6 +259,9 @@ def _rope_scaling_from_hf(rs: Optional[Mapping[str, Any]]) -> Optional[_FrozenDi
 def spec_from_hf_config(cfg: Mapping[str, Any], where: str = "config.json") -> ModelSpec:
     """Read a ModelSpec from a Hugging Face ``config.json`` dictionary."""
     model_type = cfg.get("model_type")
+    if model_type in ENCODER_TYPES:
+        raise UnsupportedError(f"{where}: model_type={model_type!r}: a Hugging Face BERT is not converted to or from "
+                               f"Megatron: {hf_problems(ModelSpec(model_type, 1, 1, 1, 1, 1, 1, 1))[0]}")
     if model_type not in MODEL_TYPES:
         archs = cfg.get("architectures")
         raise UnsupportedError(
@@ -384,9 +409,11 @@ def _values_differ(a: Any, b: Any) -> bool:
 
 def check_preset(preset: ModelSpec, detected: ModelSpec, source: str) -> ModelSpec:
     """Return the detected spec if the preset agrees with it; else raise naming every field."""
+    # learned absolute positions (BERT): the table's row count is structural there
+    structural = STRUCTURAL_FIELDS + (("max_position_embeddings",) if detected.is_encoder else ())
     diffs = [
         f"{f}: preset {getattr(preset, f)!r}, checkpoint {getattr(detected, f)!r}"
-        for f in STRUCTURAL_FIELDS if _values_differ(getattr(preset, f), getattr(detected, f))
+        for f in structural if _values_differ(getattr(preset, f), getattr(detected, f))
     ]
     if diffs:
         raise ConfigError(
@@ -396,7 +423,7 @@ def check_preset(preset: ModelSpec, detected: ModelSpec, source: str) -> ModelSp
             "architecture detected from the source."
         )
     for f in INFORMATIONAL_FIELDS:
-        if _values_differ(getattr(preset, f), getattr(detected, f)):
+        if f not in structural and _values_differ(getattr(preset, f), getattr(detected, f)):
             log.warning("preset %s has %s=%r but the checkpoint says %r; keeping the checkpoint's",
                         preset.name, f, getattr(preset, f), getattr(detected, f))
     return dataclasses.replace(detected, name=preset.name)
@@ -460,6 +487,11 @@ def to_hf_config(spec: ModelSpec) -> dict:
 def hf_problems(spec: ModelSpec) -> list:
     """What transformers' class for ``spec.model_type`` cannot represent (exporting would lose it)."""
     out = []
+    if spec.is_encoder:
+        return ["Megatron-core's BertModel is pre-LayerNorm (x + Attn(LN(x)); megatron-core 0.19.2 defines "
+                "apply_residual_connection_post_layernorm but never reads it) and HF BertForPreTraining is "
+                "post-LayerNorm: no mapping of the weights gives HF's logits, so a Megatron BERT is converted "
+                "between Megatron formats only (megatron_legacy, torch_dist, fsdp_dtensor)"]
     if spec.model_type == "mixtral":
         if spec.dense_layers:
             out.append("Mixtral has no dense layers")

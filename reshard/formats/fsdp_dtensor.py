@@ -98,7 +98,7 @@ def keys(spec: ModelSpec, table: MappingTable) -> List[Key]:
             for name in dict.fromkeys((e.dist_key,) + tuple(e.aliases)):
                 for h in halves:
                     x = dataclasses.replace(e, dist=name) if name != e.dist_key else e
-                    out.append(Key(f"{PREFIX}decoder.layers.{i}.{_layer_name(x, h)}", e, i, h))
+                    out.append(Key(PREFIX + table.layer_key(i, _layer_name(x, h)), e, i, h))
     return out
 
 
@@ -162,7 +162,7 @@ def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[
     ckpt, it = mg.checkpoint_dir(root, iteration, td._is_dcp_dir)
     md, storage = td.read_metadata(ckpt)
     common = read_common(ckpt, md, storage)
-    spec = mg.spec_from_common(common, ckpt, vocab_size)
+    spec = mg.spec_from_common(common, ckpt, vocab_size, td.tensor_shapes(md, PREFIX))
     table = table_for(spec)
     glob = td._GLOBAL
     want = {k.key: k for k in keys(spec, table)}

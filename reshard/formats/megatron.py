@@ -99,25 +99,85 @@ def _get(args: Any, *names, default=None):
     return default
 
 
-def spec_from_common(common: dict, where: str, vocab_size: Optional[int] = None) -> ModelSpec:
+def spec_from_common(common: dict, where: str, vocab_size: Optional[int] = None,
+                     keys: Optional[Dict[str, tuple]] = None) -> ModelSpec:
     """The architecture of a Megatron checkpoint: our own record when it has one (exact),
-    else Megatron's ``args`` (accepting the spellings that drifted between versions)."""
+    else Megatron's ``args`` (accepting the spellings that drifted between versions) with the
+    model's tensor names and shapes (``keys``), which tell a BertModel (``encoder.*``) from a GPTModel."""
     ours = common.get("reshard") if isinstance(common, dict) else None
     if isinstance(ours, dict) and isinstance(ours.get("spec"), dict):
         return ModelSpec.from_dict(ours["spec"])
     args = common.get("args") if isinstance(common, dict) else None
     if args is None:
         raise SourceError(f"{where}: no 'args' in the checkpoint; cannot tell its architecture")
-    return spec_from_args(args, where, vocab_size)
+    return spec_from_args(args, where, vocab_size, keys)
 
 
-def spec_from_args(args: Any, where: str, vocab_size: Optional[int] = None) -> ModelSpec:
+def _need(args: Any, where: str):
     def need(*names):
         v = _get(args, *names)
         if v is None:
             raise SourceError(f"{where}: args lacks {names[0]!r}; cannot tell the architecture")
         return v
+    return need
 
+
+def _true_vocab(args: Any, where: str, vocab_size: Optional[int]) -> int:
+    padded = _get(args, "padded_vocab_size")
+    true_vocab = vocab_size or _get(args, "vocab_size")
+    if true_vocab is None:
+        raise SourceError(
+            f"{where}: the checkpoint records only the padded vocab ({padded}); the true vocab size cannot be "
+            "known from it. Pass model.vocab_size=<n> or a preset (+model=<name>) - reshard never guesses it")
+    if padded is not None and int(true_vocab) > int(padded):
+        raise SourceError(f"{where}: vocab_size={true_vocab} is larger than the padded vocab {padded} in args")
+    return int(true_vocab)
+
+
+def _dtype_name(args: Any) -> str:
+    return "bfloat16" if _get(args, "bf16") else "float16" if _get(args, "fp16") else "float32"
+
+
+def is_bert(keys: Optional[Dict[str, tuple]]) -> bool:
+    """Megatron's args do not name the model class; a BertModel's block is ``encoder`` (GPT: ``decoder``)."""
+    return bool(keys) and any(k.startswith("encoder.") for k in keys)
+
+
+def bert_spec_from_args(args: Any, where: str, vocab_size: Optional[int], keys: Dict[str, tuple]) -> ModelSpec:
+    """A Megatron BERT: sizes from args; the position table's rows, the token types and the binary head
+    from the tensors themselves (args: ``max_position_embeddings``, ``bert_binary_head``)."""
+    need = _need(args, where)
+    norm, swiglu = str(_get(args, "normalization", default="LayerNorm")), bool(_get(args, "swiglu", default=False))
+    if norm != "LayerNorm" or swiglu:
+        raise SourceError(f"{where}: a BertModel checkpoint (encoder.* tensors) whose args say normalization={norm}, "
+                          f"swiglu={swiglu}; Megatron BERT uses LayerNorm and a GeLU MLP")
+    nh, h = int(need("num_attention_heads")), int(need("hidden_size"))
+    if _get(args, "group_query_attention", default=False):
+        raise SourceError(f"{where}: args say group_query_attention=True; Megatron BERT has multi-head attention")
+    pos = keys.get("embedding.position_embeddings.weight")
+    tokentypes = keys.get("embedding.tokentype_embeddings.weight")
+    has_embedding = "embedding.word_embeddings.weight" in keys
+    binary = "binary_head.weight" in keys if "lm_head.dense.weight" in keys else bool(_get(args, "bert_binary_head",
+                                                                                           default=True))
+    d = dict(
+        model_type="bert", num_layers=int(need("num_layers")), hidden_size=h, num_attention_heads=nh,
+        num_query_groups=nh, head_dim=int(_get(args, "kv_channels") or h // nh),
+        ffn_hidden_size=int(_get(args, "ffn_hidden_size") or 4 * h), vocab_size=_true_vocab(args, where, vocab_size),
+        norm_eps=float(_get(args, "norm_epsilon", "layernorm_epsilon", default=1e-5)),
+        max_position_embeddings=int(pos[0]) if pos else int(_get(args, "max_position_embeddings", default=512)),
+        tie_word_embeddings=not bool(_get(args, "untie_embeddings_and_output_weights", default=False)),
+        num_tokentypes=int(tokentypes[0]) if tokentypes else 0 if has_embedding else 2 if binary else 0,
+        binary_head=binary, dtype=_dtype_name(args),
+    )
+    log.info("%s: a Megatron BERT (encoder.* tensors); architecture from its args and tensor shapes", where)
+    return ModelSpec.from_dict(d)
+
+
+def spec_from_args(args: Any, where: str, vocab_size: Optional[int] = None,
+                   keys: Optional[Dict[str, tuple]] = None) -> ModelSpec:
+    if is_bert(keys):
+        return bert_spec_from_args(args, where, vocab_size, keys)
+    need = _need(args, where)
     nh = int(need("num_attention_heads"))
     h = int(need("hidden_size"))
     gqa = bool(_get(args, "group_query_attention", default=False))
@@ -130,21 +190,14 @@ def spec_from_args(args: Any, where: str, vocab_size: Optional[int] = None) -> M
     moe = _moe_from_args(args, where)
     if _get(args, "add_bias_linear", default=False) and not _get(args, "disable_bias_linear", default=False):
         raise SourceError(f"{where}: args say add_bias_linear=True; the supported families have no linear biases")
-    padded = _get(args, "padded_vocab_size")
-    true_vocab = vocab_size or _get(args, "vocab_size")
-    if true_vocab is None:
-        raise SourceError(
-            f"{where}: the checkpoint records only the padded vocab ({padded}); the true vocab size cannot be "
-            "known from it. Pass model.vocab_size=<n> or a preset (+model=<name>) - reshard never guesses it")
-    if padded is not None and int(true_vocab) > int(padded):
-        raise SourceError(f"{where}: vocab_size={true_vocab} is larger than the padded vocab {padded} in args")
+    true_vocab = _true_vocab(args, where, vocab_size)
     qkv_bias = bool(_get(args, "add_qkv_bias", default=False))
     rope_scaling = None
     if _get(args, "use_rope_scaling", default=False):
         rope_scaling = {"rope_type": "llama3", "factor": float(_get(args, "rope_scaling_factor", default=8.0)),
                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                         "original_max_position_embeddings": 8192}
-    dtype = "bfloat16" if _get(args, "bf16") else "float16" if _get(args, "fp16") else "float32"
+    dtype = _dtype_name(args)
     qk_norm = bool(_get(args, "qk_layernorm", default=False))
     mla = _mla_from_args(args) if _get(args, "multi_latent_attention", default=False) else {}
     if mla:
@@ -167,7 +220,7 @@ def spec_from_args(args: Any, where: str, vocab_size: Optional[int] = None) -> M
         num_query_groups=ng,
         head_dim=mla.pop("head_dim", None) or int(_get(args, "kv_channels") or h // nh),
         ffn_hidden_size=int(_get(args, "ffn_hidden_size") or 4 * h),
-        vocab_size=int(true_vocab),
+        vocab_size=true_vocab,
         norm_eps=float(_get(args, "norm_epsilon", "layernorm_epsilon", default=1e-5)),
         rope_theta=float(_get(args, "rotary_base", default=10000)),
         rope_scaling=rope_scaling,
@@ -257,6 +310,14 @@ GUESSED_FROM_ARGS = ("model_type", "max_position_embeddings", "sliding_window", 
 def spec_is_guessed(common: dict) -> bool:
     ours = common.get("reshard") if isinstance(common, dict) else None
     return not (isinstance(ours, dict) and isinstance(ours.get("spec"), dict))
+
+
+def guessed_fields(common: dict, spec: ModelSpec) -> Tuple[str, ...]:
+    """The spec fields a preset may set for this checkpoint (none when it carries our own record; a BERT's
+    position table is read from its tensors)."""
+    if not spec_is_guessed(common):
+        return ()
+    return tuple(f for f in GUESSED_FROM_ARGS if not (spec.is_encoder and f == "max_position_embeddings"))
 
 
 def layout_from_args(args: Any, spec: ModelSpec) -> Layout:

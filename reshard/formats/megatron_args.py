@@ -24,7 +24,7 @@ def make_args(spec: ModelSpec, layout: Layout, dtype: torch.dtype, ckpt_format: 
               moe_grouped_gemm: bool = False) -> Namespace:
     rs = dict(spec.rope_scaling or {})
     llama3_scaling = rs.get("rope_type") == "llama3"
-    return Namespace(
+    args = dict(
         **_mla_args(spec, rs),
         # architecture
         num_layers=spec.num_layers,
@@ -92,6 +92,18 @@ def make_args(spec: ModelSpec, layout: Layout, dtype: torch.dtype, ckpt_format: 
         consumed_train_samples=0,
         consumed_valid_samples=0,
     )
+    if spec.is_encoder:
+        args.update(_bert_args(spec))
+    return Namespace(**args)
+
+
+def _bert_args(spec: ModelSpec) -> dict:
+    """Megatron-LM's pretrain_bert flags: LayerNorm, GeLU, biases, learned absolute positions; the
+    binary head (``--bert-no-binary-head`` clears it; token types are 2 with it, else 0)."""
+    return dict(swiglu=False, normalization="LayerNorm", add_bias_linear=True, disable_bias_linear=False,
+                add_qkv_bias=True, qk_layernorm=False, position_embedding_type="learned_absolute",
+                add_position_embedding=True, use_rotary_position_embeddings=False, use_rope_scaling=False,
+                bert_binary_head=spec.binary_head, num_tokentypes=spec.num_tokentypes)
 
 
 def _mla_args(spec: ModelSpec, rs: dict) -> dict:

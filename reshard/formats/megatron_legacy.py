@@ -142,11 +142,8 @@ def _not_carried(others: Dict[str, dict], files: Dict[str, str]) -> Dict[str, di
     return out
 
 
-def _layer_names(entry, local: int) -> Tuple[str, ...]:
-    names = [f"decoder.layers.{local}.{entry.mcore}"]
-    if entry.local:
-        names.append(f"decoder.layers.{local}.{entry.local}")
-    return tuple(names)
+def _layer_names(table: MappingTable, entry, local: int) -> Tuple[str, ...]:
+    return tuple(table.layer_key(local, n) for n in (entry.mcore, entry.local) if n)
 
 
 def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[int] = None) -> SourceIndex:
@@ -159,7 +156,10 @@ def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[
     both = dict(zip(names, rdist.map_shared(lambda d: _parse_one(files[d]), names)))
     parsed, others = {d: b[0] for d, b in both.items()}, {d: b[1] for d, b in both.items()}
     first = parsed[names[0]]
-    spec = mg.spec_from_common(first, files[names[0]], vocab_size)
+    keys = {k: tuple(v.shape) for obj in parsed.values() for mk, model in obj.items()
+            if re.fullmatch(r"model\d*", mk) and isinstance(model, dict)
+            for k, v in model.items() if isinstance(v, TensorRef)}
+    spec = mg.spec_from_common(first, files[names[0]], vocab_size, keys)
     src_layout = mg.layout_of_common(first, spec)
     _check_consistent(parsed, files, src_layout)
     _check_grid(dirs, src_layout, ckpt, spec.num_experts)
@@ -192,7 +192,7 @@ def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[
     shapes = {n: e.part_shape(spec, role) for n, (e, role, _) in table.canonical_names(spec).items()}
     sizes = {os.path.relpath(f, root): os.path.getsize(f) for f in files.values()}
     index = SourceIndex(NAME, root, spec, shapes, found.dtypes, dict(found.slices), sizes, it)
-    index.guessed = mg.GUESSED_FROM_ARGS if mg.spec_is_guessed(first) else ()
+    index.guessed = mg.guessed_fields(first, spec)
     index.source_layout = src_layout
     index.not_carried = _not_carried(others, files)
     return index
@@ -258,10 +258,10 @@ def _wanted(spec: ModelSpec, layout: Layout, table: MappingTable, pp: int, v: in
     out = [_Want(e, None, (e.mcore,)) for e in top_entries(spec, layout, table, pp, v)]
     for e, i, j, local in file_layers(spec, layout, table, pp, v, ep):
         if e.expert is None:
-            out.append(_Want(e, i, _layer_names(e, j), j))
+            out.append(_Want(e, i, _layer_names(table, e, j), j))
         else:
-            out.append(_Want(e, i, (f"decoder.layers.{j}.{e.mcore.format(j=local)}",
-                                    f"decoder.layers.{j}.{e.grouped.format(j=local)}"), j, local))
+            out.append(_Want(e, i, (table.layer_key(j, e.mcore.format(j=local)),
+                                    table.layer_key(j, e.grouped.format(j=local))), j, local))
     return out
 
 
@@ -271,7 +271,7 @@ def _read_entry(ctx: _FileCtx, model: dict, w: _Want, found: _Found) -> Optional
     key = next((c for c in w.names if c in model), None)
     old_form = None
     if key is None and w.local_expert is not None:  # Megatron's removed GroupedMLP: weight1/weight2
-        old_form = f"decoder.layers.{w.local_layer}.mlp.experts.weight{1 if e.tp_rule == 'gated' else 2}"
+        old_form = w.names[0].split(".mlp.")[0] + f".mlp.experts.weight{1 if e.tp_rule == 'gated' else 2}"
         key = old_form if old_form in model else None
     if key is None:
         what = f" (layer {w.layer} expert {e.expert})" if w.local_expert is not None else ""
@@ -398,7 +398,7 @@ def rank_items(spec: ModelSpec, layout: Layout, table: MappingTable, pp: int, v:
     if tied_copy and pp == layout.pp - 1 and v == layout.vp - 1 and spec.tie_word_embeddings and layout.pp > 1:
         items.append((next(e for e in table.top if e.mcore.startswith("embedding.")), None, "output_layer.weight"))
     for e, i, j, local in file_layers(spec, layout, table, pp, v, ep):
-        items.append((e.under(impl), i, f"decoder.layers.{j}.{e.megatron_name(local, grouped, impl)}"))
+        items.append((e.under(impl), i, table.layer_key(j, e.megatron_name(local, grouped, impl))))
     return items
 
 
@@ -429,13 +429,13 @@ def extra_state_names(spec: ModelSpec, layout: Layout, table: MappingTable, pp: 
         if not e.extra_state:
             continue
         if e.expert is None:
-            out.append(f"decoder.layers.{j}.{e.extra_state}._extra_state")
+            out.append(table.layer_key(j, f"{e.extra_state}._extra_state"))
         elif grouped:  # one TE GroupedLinear per fc
-            name = f"decoder.layers.{j}.{e.grouped.rsplit('.', 1)[0]}._extra_state"
+            name = table.layer_key(j, f"{e.grouped.rsplit('.', 1)[0]}._extra_state")
             if name not in out:
                 out.append(name)
         else:
-            out.append(f"decoder.layers.{j}.{e.extra_state.format(j=local)}._extra_state")
+            out.append(table.layer_key(j, f"{e.extra_state.format(j=local)}._extra_state"))
     if pp == layout.pp - 1 and v == layout.vp - 1:
         out.append("output_layer._extra_state")
     return out

@@ -315,6 +315,9 @@ class Target(TorchSaveTarget):
         from ..errors import LayoutError
 
         spec = self.ctx.spec
+        if spec.is_encoder:
+            raise LayoutError(f"target.format=meta: {spec.model_type} is an encoder; Meta's consolidated format holds "
+                              "Llama models only. A Megatron BERT goes to megatron_legacy, torch_dist or fsdp_dtensor")
         if spec.is_moe:
             raise LayoutError("target.format=meta: Meta's consolidated format is written for dense Llama models "
                               "only; mixture-of-experts models go to hf, torch_dist or megatron_legacy")

@@ -1,13 +1,13 @@
 """Megatron-core ``torch_dist`` checkpoints, written with torch.distributed.checkpoint
 (FORMATS.md §5).
 
-Keys are global and TP/PP-independent: decoder tensors are stacked on a leading layer axis
-under Transformer-Engine names - or, in a model that mixes dense and MoE layers, keyed per layer
-(``decoder.layers.{i}.<name>``, no layer axis) as Megatron-core writes non-homogeneous layers;
-fc1 is the logical ``[W; V]``; embedding/output are padded
-for the target TP. Each piece of the plan becomes one DCP chunk (a rectangle of the global
-tensor) written by the rank that holds it - no DTensor, no full tensor anywhere. Also
-written: ``_extra_state`` objects (``[None]``), the common state as the DCP byte entry
+Keys are global and TP/PP-independent: layer tensors (``decoder.layers.``, BERT's
+``encoder.layers.``) are stacked on a leading layer axis under Transformer-Engine names - or, in a
+model that mixes dense and MoE layers, keyed per layer (``decoder.layers.{i}.<name>``, no layer
+axis) as Megatron-core writes non-homogeneous layers; fc1 is the logical ``[W; V]``;
+embedding/output are padded for the target TP. Each piece of the plan becomes one DCP chunk (a
+rectangle of the global tensor) written by the rank that holds it - no DTensor, no full tensor
+anywhere. Also written: ``_extra_state`` objects (``[None]``), the common state as the DCP byte entry
 ``common_state/shard_0_1``, ``metadata.json``.
 """
 
@@ -39,7 +39,6 @@ from .torchzip import TensorRef, parse_file, parse_record, restricted_loads
 
 NAME = "torch_dist"
 ITERATIONS = True
-STACK_PREFIX = "decoder.layers."
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
 COMMON_KEY = "common_state/shard_0_1"
 _GLOBAL = Layout(tp=1)  # torch_dist keys hold global tensors: the layout of one rank holding all
@@ -82,6 +81,14 @@ def not_carried(md) -> Dict[str, dict]:
         if isinstance(meta, TensorStorageMetadata):
             d["bytes"] += _nbytes(meta)
     return out
+
+
+def tensor_shapes(md, prefix: str = "") -> Dict[str, tuple]:
+    """Tensor key (``prefix`` removed) -> global shape, from DCP metadata."""
+    from .dcp_metadata import TensorStorageMetadata
+
+    return {k[len(prefix):]: tuple(m.size) for k, m in md.state_dict_metadata.items()
+            if isinstance(m, TensorStorageMetadata) and k.startswith(prefix)}
 
 
 def _nbytes(meta) -> int:
@@ -172,7 +179,9 @@ def _group_at(groups: list, spec: ModelSpec, layer: Optional[int]) -> Optional[l
     return None
 
 
-_PER_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+def per_layer_re(table: MappingTable) -> re.Pattern:
+    """``<block>.layers.<i>.<name>``: a per-layer key (groups: the layer, the layer-relative name)."""
+    return re.compile("^" + re.escape(table.stack_prefix) + r"(\d+)\.(.+)$")
 
 
 def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[int] = None) -> SourceIndex:
@@ -182,7 +191,7 @@ def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[
     _check_backend(ckpt)
     md, storage = read_metadata(ckpt)
     common = read_common(ckpt, md, storage)
-    spec = mg.spec_from_common(common, ckpt, vocab_size)
+    spec = mg.spec_from_common(common, ckpt, vocab_size, tensor_shapes(md))
     table = table_for(spec)
     keys, problems = _match_keys(md, spec, table)
     keys, seen = _one_spelling(keys)
@@ -223,7 +232,7 @@ def finish_index(name: str, root: str, ckpt: str, it, spec: ModelSpec, table: Ma
     files = sorted({f for f, _ in where.values()})
     sizes = {os.path.normpath(os.path.join(rel, f)): os.path.getsize(os.path.join(ckpt, f)) for f in files}
     index = SourceIndex(name, root, spec, shapes, dtypes, dict(slices), sizes, it)
-    index.guessed = mg.GUESSED_FROM_ARGS if mg.spec_is_guessed(common) else ()
+    index.guessed = mg.guessed_fields(common, spec)
     index.not_carried = not_carried(md)
     return index
 
@@ -253,7 +262,7 @@ def _match_keys(md, spec: ModelSpec, table: MappingTable) -> Tuple[List[_Key], L
     """Every key of ``.metadata`` matched to the architecture (byte objects, optimizer and RNG
     state are known and skipped), with its global shape checked."""
     top, layer = _entry_lookup(spec, table)
-    L, glob = spec.num_layers, _GLOBAL
+    L, glob, P, per_layer = spec.num_layers, _GLOBAL, table.stack_prefix, per_layer_re(table)
     problems, keys = [], []
     for key, meta in sorted(md.state_dict_metadata.items()):
         if isinstance(meta, BytesStorageMetadata):
@@ -262,9 +271,9 @@ def _match_keys(md, spec: ModelSpec, table: MappingTable) -> Tuple[List[_Key], L
             continue
         if key.startswith(OPTIONAL_PREFIXES):
             continue  # optimizer state and RNG: not model weights, not converted
-        m = _PER_LAYER.match(key)
-        stacked = key.startswith(STACK_PREFIX) and key[len(STACK_PREFIX):] in layer
-        group = (_group_at(layer[key[len(STACK_PREFIX):]], spec, None) if stacked else
+        m = per_layer.match(key)
+        stacked = key.startswith(P) and key[len(P):] in layer
+        group = (_group_at(layer[key[len(P):]], spec, None) if stacked else
                  _group_at(layer[m.group(2)], spec, int(m.group(1))) if m and m.group(2) in layer else None)
         if key in top:
             k = _Key(key, [top[key]], [None], False, meta)
@@ -308,10 +317,11 @@ def _one_spelling(keys: List[_Key]) -> Tuple[List[_Key], set]:
 
 def _absent(spec: ModelSpec, table: MappingTable, seen: set) -> List[str]:
     missing = [(e, i) for e, i in table.entries(spec) if (id(e), i) not in seen]
-    out = [f"{STACK_PREFIX + e.dist_key if i is not None else e.mcore}{'' if i is None else f' (layer {i})'} is absent"
+    P = table.stack_prefix
+    out = [f"{P + e.dist_key if i is not None else e.mcore}{'' if i is None else f' (layer {i})'} is absent"
            for e, i in missing if e.expert is None]
     if any(e.expert is not None for e, _ in missing):
-        keys = sorted({STACK_PREFIX + e.dist_key for e, _ in missing if e.expert is not None})
+        keys = sorted({P + e.dist_key for e, _ in missing if e.expert is not None})
         experts = sorted({(i, e.expert) for e, i in missing if e.expert is not None})
         out.append(f"{', '.join(keys)} absent: missing experts "
                    + ", ".join(f"layer {i} expert {x}" for i, x in experts[:20]))
@@ -424,13 +434,13 @@ def targets(spec: ModelSpec, layout: Layout, table: MappingTable,
                     continue
                 pls = [p for x in entries for p in _placements(x, spec, layout, i, stacked=False)]
                 for key in dict.fromkeys((dist_key,) + tuple(e.aliases)):
-                    key = f"{STACK_PREFIX}{i}.{key}"
+                    key = table.layer_key(i, key)
                     out.append(TargetTensor(key, experts + e.shape(spec, layout), _one_dtype(pls, dtype_of, key),
                                             pls, rule=e.tp_rule))
             continue
         pls = [p for i in range(spec.num_layers) for x in entries for p in _placements(x, spec, layout, i)]
         for key in (dist_key,) + tuple(e.aliases):
-            key = STACK_PREFIX + key
+            key = table.stack_prefix + key
             out.append(TargetTensor(key, (spec.num_layers,) + experts + e.shape(spec, layout),
                                     _one_dtype(pls, dtype_of, key), pls, rule=e.tp_rule))
     return out
@@ -444,29 +454,32 @@ def _one_dtype(pls, dtype_of, key) -> torch.dtype:
 
 
 def extra_state_keys(spec: ModelSpec, table: MappingTable) -> List[str]:
-    """``<module>._extra_state/shard_{layer}_{L}`` for every linear Megatron checkpoints."""
-    L, E = spec.num_layers, spec.num_experts
-    out = []
+    """``<module>._extra_state/shard_{layer}_{L}`` for every linear Megatron checkpoints (and
+    ``/shard_0_1`` for a top-level one the table names: BERT's output layer)."""
+    L, E, P = spec.num_layers, spec.num_experts, table.stack_prefix
+    out = [f"{e.extra_state}._extra_state/shard_0_1" for e in table.top if e.extra_state and e.applies(spec)]
     for e in table.layer:
         if not (e.extra_state and e.applies(spec)):
             continue
         if spec.mixed_layers:  # per layer: /shard_0_1, experts /shard_{e}_{E}
             module = e.extra_state if e.expert is None else e.dist_key.rsplit(".", 1)[0]
             shard = "0_1" if e.expert is None else f"{e.expert}_{E}"
-            out += [f"{STACK_PREFIX}{i}.{module}._extra_state/shard_{shard}" for i in range(L) if e.applies(spec, i)]
+            out += [table.layer_key(i, f"{module}._extra_state/shard_{shard}") for i in range(L) if e.applies(spec, i)]
         elif e.expert is None:
-            out += [f"{STACK_PREFIX}{e.extra_state}._extra_state/shard_{i}_{L}" for i in range(L)]
+            out += [f"{P}{e.extra_state}._extra_state/shard_{i}_{L}" for i in range(L)]
         else:  # experts: one object per (layer, expert)
             module = e.dist_key.rsplit(".", 1)[0]
-            out += [f"{STACK_PREFIX}{module}._extra_state/shard_{i}.{e.expert}_{L}.{E}" for i in range(L)]
+            out += [f"{P}{module}._extra_state/shard_{i}.{e.expert}_{L}.{E}" for i in range(L)]
     return out
 
 
-def layout_writers(spec: ModelSpec, layout: Layout, world: int):
+def layout_writers(spec: ModelSpec, layout: Layout, world: int, table: Optional[MappingTable] = None):
     """Writers that mirror the target layout: the piece goes to the rank that would hold it
     in a Megatron job at that layout (virtual rank ``pp_stage*S + tp_rank``, experts
     ``pp_stage*S + ep_rank*etp + etp_rank``, with ``S = max(tp, ep*etp)``; modulo N)."""
     etp, E = layout.expert_tp, spec.num_experts
+    table = table or table_for(spec)
+    P, per_layer_key = table.stack_prefix, per_layer_re(table)
     S = max(layout.tp, layout.ep * etp)
     stage = {}
     for p, chunks in enumerate(layout.stage_layers(spec.num_layers)):
@@ -477,10 +490,10 @@ def layout_writers(spec: ModelSpec, layout: Layout, world: int):
     def writers(piece: Piece, t: TargetTensor) -> Tuple[int, ...]:
         lead = len(piece.dst_off) - len(piece.size)
         row = piece.dst_off[lead]
-        per_layer = _PER_LAYER.match(t.key)
+        per_layer = per_layer_key.match(t.key)
         if per_layer:  # decoder.layers.{i}.<name>: [E, ...] or the layer's own tensor
             pp, layer_axes = stage[int(per_layer.group(1))], 0
-        elif t.key.startswith(STACK_PREFIX):  # [L, ...] or [L, E, ...]
+        elif t.key.startswith(P):  # [L, ...] or [L, E, ...]
             pp, layer_axes = stage[piece.dst_off[0]], 1
         else:
             pp, layer_axes = (0 if t.key.startswith("embedding.") else layout.pp - 1), 0
@@ -518,7 +531,7 @@ class Target(_Target):
         return targets(c.spec, c.layout, c.table, c.dtype_of)
 
     def writers(self, tensors, world):
-        return layout_writers(self.ctx.spec, self.ctx.layout, world) if self.io.assign == "layout" else None
+        return layout_writers(self.ctx.spec, self.ctx.layout, world, self.ctx.table) if self.io.assign == "layout" else None
 
     def objects(self, job, rank: int, world: int) -> Dict[str, object]:
         """This rank's DCP byte entries: its share of the ``_extra_state`` objects; rank 0 the common state."""

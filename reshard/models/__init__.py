@@ -3,10 +3,10 @@
 from ..errors import UnsupportedError
 from ..mapping import MappingTable
 from ..spec import ModelSpec
-from . import deepseek, llama, moe
+from . import bert, deepseek, llama, moe
 
 FAMILIES = {"llama": llama.TABLE, "mixtral": moe.MIXTRAL, "qwen2_moe": moe.QWEN2_MOE,
-            "deepseek_v3": deepseek.DEEPSEEK_V3}
+            "deepseek_v3": deepseek.DEEPSEEK_V3, "bert": bert.TABLE}
 _EXPANDED = {}
 
 
