@@ -159,6 +159,10 @@ class ReshardConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     overwrite: bool = False
+    # a training checkpoint's optimizer state (reshard/optim.py): auto carries it where this version can
+    # (torch_dist fully_reshardable -> torch_dist) and names what it drops otherwise; keep refuses to drop
+    # it; drop converts the weights only (and names what it drops)
+    optimizer: str = "auto"
     # re-read the staged output and compare checksums of every canonical tensor with the source
     # (and check the plan's coverage) before the commit
     verify: bool = True
@@ -277,6 +281,8 @@ def _value_problems(cfg) -> list:
         out.append(f"io.commit={cfg.io.commit!r}: use auto or journal")
     if cfg.dry_run_world is not None and cfg.dry_run_world < 1:
         out.append("dry_run_world must be >= 1")
+    if cfg.optimizer not in ("auto", "keep", "drop"):
+        out.append(f"optimizer={cfg.optimizer!r}: use auto, keep or drop")
     return out
 
 

@@ -36,7 +36,7 @@ def summarize(target: str) -> str:
         lines.append(f"  rank {rk['rank']}: read {rk['bytes_read']} B from {len(rk['files_opened'])} file(s), "
                      f"wrote {rk['bytes_written']} B, peak RSS {rk['peak_rss_mb']:.0f} MB ({secs})")
     if r.get("not_carried"):
-        lines.append("NOT CARRIED (in the source, not in the output; this version converts model weights only): "
+        lines.append("NOT CARRIED (in the source, not in the output): "
                      + not_carried_text(r["not_carried"]))
     v = r.get("verify")
     lines.append(f"verified: {v['tensors']} canonical tensors, checksums of the re-read output equal the source's "

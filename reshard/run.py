@@ -21,6 +21,7 @@ import torch
 from . import dist as rdist
 from . import faults
 from . import formats
+from . import optim
 from .errors import ConfigError, ReshardError, SourceError, TargetError, VerifyError, translate
 from .exchange import run_exchange
 from .formats.base import read_rect
@@ -54,6 +55,15 @@ class Job:
     iteration: Optional[int]
     writer: object  # the target format's formats.target.Target
     dtype_of: object = None
+    optimizer: Optional[dict] = None  # the source's optimizer state, when it is carried (reshard/optim.py)
+
+    @property
+    def names(self) -> List[str]:
+        """Every canonical tensor the conversion carries: the weights, and the optimizer state's shadows."""
+        names = sorted(table_for(self.spec).canonical_names(self.spec))
+        if self.optimizer:
+            names += sorted(n for n in self.index.slices if optim.is_shadow(n))
+        return names
 
     def translate(self, e: BaseException, what: str, rank: int, stage: str = "") -> BaseException:
         needed = sum(p.written_nbytes for p in self.plan.written_by(rank))
@@ -79,7 +89,9 @@ def check_source(index, table, spec: ModelSpec) -> None:
     wanted = table.canonical_names(spec)
     present = set(index.shapes)
     missing = sorted(set(wanted) - present)
-    unknown = sorted(n for n in present - set(wanted) if not table.is_dropped(n))
+    # optimizer shadows are left in the index only when they are carried, and shadow wanted weights
+    unknown = sorted(n for n in present - set(wanted) if not table.is_dropped(n)
+                     and not (optim.is_shadow(n) and optim.split(n)[1] in wanted))
     bad_shapes = []
     for name in sorted(present & set(wanted)):
         entry, role, _ = wanted[name]
@@ -145,21 +157,64 @@ def resolve(cfg, world: int) -> Job:
                     make_vocab_size_divisible_by=p.make_vocab_size_divisible_by)
     layout.check(spec)
     table = table_for(spec)
+    opt = optimizer_state(index, cfg)
     check_source(index, table, spec)
     check_target(tgt, src, cfg.overwrite)
     cast = getattr(torch, cfg.target.dtype) if cfg.target.dtype else None
-    dtype_of = (lambda name: cast) if cast else (lambda name: index.dtypes[name])
-    writer = formats.writer(cfg.target.format, Context(spec, layout, table, dtype_of, cfg, index, src, world))
+    # optimizer state keeps its dtype (fp32) whatever the weights are cast to
+    dtype_of = (lambda name: index.dtypes[name] if optim.is_shadow(name) else cast) if cast else \
+        (lambda name: index.dtypes[name])
+    writer = formats.writer(cfg.target.format, Context(spec, layout, table, dtype_of, cfg, index, src, world, opt))
     writer.check()
     tgts = writer.tensors()
     plan = build_plan(index, tgts, world, buffer_bytes=int(cfg.io.buffer_mb * 2**20),
                       max_piece_bytes=int(cfg.io.max_piece_mb * 2**20) if cfg.io.max_piece_mb else None,
                       writers_of=writer.writers(tgts, world), read_by_writer=writer.read_by_writer)
-    problems = check_coverage(plan, {n: index.shapes[n] for n in table.canonical_names(spec)})
+    carried = list(table.canonical_names(spec)) + ([n for n in index.slices if optim.is_shadow(n)] if opt else [])
+    problems = check_coverage(plan, {n: index.shapes[n] for n in carried})
     if problems:  # a planner bug, never an input problem: refuse to write anything
         raise VerifyError("the plan does not cover the conversion exactly:\n  - " + "\n  - ".join(problems[:20]))
     common = writer.common(tgts[0].dtype if tgts else torch.float32)
-    return Job(src, tgt, spec, layout, index, plan, common, cfg.target.iteration, writer, dtype_of)
+    return Job(src, tgt, spec, layout, index, plan, common, cfg.target.iteration, writer, dtype_of, opt)
+
+
+# target formats that write the optimizer state this version reads (torch_dist fully_reshardable)
+OPTIMIZER_TARGETS = ("torch_dist",)
+
+
+def optimizer_state(index, cfg) -> Optional[dict]:
+    """Decide what happens to the source's optimizer state (``cfg.optimizer``): the state to carry, or
+    None - then its shadows leave the index, and ``index.not_carried`` names it. Megatron -> Megatron
+    with the state carried keeps the source's iteration (``target.iteration`` unset), so Megatron resumes
+    the run instead of treating the output as a release."""
+    opt, mode, fmt = index.optimizer, cfg.optimizer, cfg.target.format
+    carried = None
+    if mode == "keep":
+        if opt is None:
+            held = {k: v for k, v in index.not_carried.items() if "optimizer" in k}
+            raise ConfigError("optimizer=keep: " + (
+                f"the source's optimizer state ({', '.join(k + ': ' + v['where'] for k, v in held.items())}) is in a "
+                "form this version does not decode yet (it reads torch_dist fully_reshardable: "
+                "optimizer.state.<kind>.<key>); use optimizer=drop to convert the weights only"
+                if held else "the source holds no optimizer state"))
+        if fmt not in OPTIMIZER_TARGETS:
+            raise ConfigError(f"optimizer=keep: target.format={fmt} does not carry optimizer state in this version "
+                              f"(only {', '.join(OPTIMIZER_TARGETS)}); use optimizer=drop to convert the weights only")
+    if opt is not None and mode != "drop" and fmt in OPTIMIZER_TARGETS:
+        if opt["problems"]:
+            raise SourceError(f"the optimizer state of {index.root} is incomplete (optimizer=drop converts the "
+                              "weights only):\n  - " + "\n  - ".join(opt["problems"][:20]))
+        carried = opt
+        index.not_carried.pop("optimizer state", None)
+        if cfg.target.iteration is None and index.iteration is not None:
+            cfg.target.iteration = index.iteration
+        log.info("optimizer state carried: %s (%d tensors, %s), iteration %s", ", ".join(opt["kinds"]),
+                 opt["tensors"], opt["sharding"], cfg.target.iteration)
+    for name in [n for n in index.slices if optim.is_shadow(n)] if carried is None else []:
+        del index.slices[name]
+        index.shapes.pop(name, None)
+        index.dtypes.pop(name, None)
+    return carried
 
 
 class PieceSource:
@@ -319,7 +374,7 @@ def verify_output(job: Job, cfg, out_dir: str) -> dict:
 
     t0 = time.perf_counter()
     # _report's gather already ordered this after every rank's last write
-    names = sorted(table_for(job.spec).canonical_names(job.spec))
+    names = job.names
     want, n_src = index_checksums(job.index, formats.get(job.index.format).Reader, job.dtype_of, names)
     t1 = time.perf_counter()
     err, out_index = None, None
@@ -403,9 +458,10 @@ def _convert(cfg) -> dict:
     if rank == 0 and job.index.not_carried:
         from .report import not_carried_text
 
-        log.warning("not carried: the source also holds %s; this version converts model weights only, so the "
-                    "output will not have them (a training run resumed from it starts a new optimizer)",
-                    not_carried_text(job.index.not_carried))
+        log.warning("not carried: the source also holds %s; the output will not have them (a training run "
+                    "resumed from it starts a new optimizer; this version carries optimizer state only from "
+                    "torch_dist fully_reshardable to torch_dist, optimizer=%s)",
+                    not_carried_text(job.index.not_carried), cfg.optimizer)
     if cfg.dry_run:
         from . import dryrun
 

@@ -73,6 +73,10 @@ class SourceIndex:
     # state, ...): kind -> {"entries": n, "bytes": tensor bytes, "where": how the format stores it}; named in
     # the log, reshard_report.json and inspect
     not_carried: Dict[str, dict] = field(default_factory=dict)
+    # optimizer state read as shadow tensors (reshard/optim.py): {"kinds": [...], "sharding": str,
+    # "state": the optimizer's non-tensor state (param groups, step)}; None: the source has none this
+    # version reads
+    optimizer: Optional[dict] = None
 
     @property
     def total_bytes(self) -> int:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 
@@ -49,6 +49,7 @@ class Context:
     index: object  # the source's SourceIndex
     source: str
     world: int
+    optimizer: Optional[dict] = None  # the source's optimizer state, when it is carried (reshard/optim.py)
 
 
 class Target:

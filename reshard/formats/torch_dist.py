@@ -13,6 +13,7 @@ anywhere. Also written: ``_extra_state`` objects (``[None]``), the common state 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -25,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .. import dist as rdist
+from .. import optim
 from ..errors import SourceError
 from ..layout import Layout
 from ..mapping import MappingTable
@@ -193,24 +195,56 @@ def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[
     common = read_common(ckpt, md, storage)
     spec = mg.spec_from_common(common, ckpt, vocab_size, tensor_shapes(md))
     table = table_for(spec)
-    keys, problems = _match_keys(md, spec, table)
+    opt = {"keys": [], "problems": []}
+    keys, problems = _match_keys(md, spec, table, opt)
     keys, seen = _one_spelling(keys)
     problems += _absent(spec, table, seen)
     if problems:
         raise SourceError(f"{ckpt} does not match its architecture ({spec.model_type}, {spec.num_layers} layers):"
                           "\n  - " + "\n  - ".join(problems[:20]))
-    where = _chunk_records(ckpt, keys, storage)
+    opt_keys = _optimizer_keys(opt, spec, table)
+    where = _chunk_records(ckpt, keys + opt_keys, storage)
     slices: Dict[str, List[SourceSlice]] = defaultdict(list)
     dtypes: Dict[str, torch.dtype] = {}
-    for k in keys:
+    for k in keys + opt_keys:
         for ch in k.meta.chunks:
             st = chunk_tensor(ckpt, root, k.key, ch, where)
             for name, sl in _chunk_slices(spec, k, st, tuple(ch.offsets), tuple(ch.sizes)):
+                name = optim.shadow(k.kind, name) if k.kind else name
                 slices[name].append(sl)
                 dtypes[name] = st.dtype
     index = finish_index(NAME, root, ckpt, it, spec, table, common, md, where, slices, dtypes)
+    if opt_keys or opt["problems"]:
+        index.optimizer = _optimizer_info(opt, opt_keys, common, index)
     index.source_layout = mg.layout_of_common(common, spec) if "args" in common or "reshard" in common else None
     return index
+
+
+def _optimizer_keys(opt: dict, spec: ModelSpec, table: MappingTable) -> List[_Key]:
+    """The model-space optimizer keys, one spelling each; every kind found must shadow every weight
+    (else the state is incomplete: a problem, refused if it is to be kept)."""
+    by_kind: Dict[str, List[_Key]] = defaultdict(list)
+    for k in opt["keys"]:
+        by_kind[k.kind].append(k)
+    out = []
+    for kind, ks in sorted(by_kind.items()):
+        kept, seen = _one_spelling(ks)
+        for p in _absent(spec, table, seen):
+            opt["problems"].append(f"optimizer.state.{kind}.{p}")
+        out += kept
+    return out
+
+
+def _optimizer_info(opt: dict, opt_keys: List[_Key], common: dict, index: SourceIndex) -> dict:
+    meta = common.get("content_metadata") if isinstance(common, dict) else None
+    sharding = (meta or {}).get("distrib_optim_sharding_type") or "fully_reshardable"
+    state = common.get("optimizer") if isinstance(common, dict) else None
+    kinds = sorted({k.kind for k in opt_keys})
+    for name in list(index.slices):
+        if optim.is_shadow(name):
+            index.shapes[name] = index.shapes[optim.split(name)[1]]
+    return {"kinds": kinds, "sharding": sharding, "state": state, "problems": opt["problems"],
+            "tensors": sum(1 for n in index.slices if optim.is_shadow(n))}
 
 
 def chunk_tensor(ckpt: str, root: str, key: str, ch, where) -> StoredTensor:
@@ -256,21 +290,45 @@ class _Key:
     layers: list
     stacked: bool
     meta: object
+    kind: Optional[str] = None  # optimizer state (reshard/optim.py): the kind; None: a model tensor
 
 
-def _match_keys(md, spec: ModelSpec, table: MappingTable) -> Tuple[List[_Key], List[str]]:
+def _match_keys(md, spec: ModelSpec, table: MappingTable, optimizer: Optional[dict] = None
+                ) -> Tuple[List[_Key], List[str]]:
     """Every key of ``.metadata`` matched to the architecture (byte objects, optimizer and RNG
-    state are known and skipped), with its global shape checked."""
-    top, layer = _entry_lookup(spec, table)
-    L, glob, P, per_layer = spec.num_layers, _GLOBAL, table.stack_prefix, per_layer_re(table)
+    state are known and skipped), with its global shape checked. The model-space optimizer keys
+    (``optimizer.state.<kind>.<model key>``) are matched like their model key and appended to
+    ``optimizer["keys"]``, their problems to ``optimizer["problems"]`` (they matter only when the
+    state is kept)."""
+    from .. import optim
+
     problems, keys = [], []
+    match = _key_matcher(spec, table)
     for key, meta in sorted(md.state_dict_metadata.items()):
         if isinstance(meta, BytesStorageMetadata):
             if not (key == COMMON_KEY or "_extra_state" in key or key.startswith(OPTIONAL_PREFIXES)):
                 problems.append(f"unknown object {key}")
             continue
+        opt = optim.dcp_model_key(key)
+        if opt is not None and optimizer is not None:
+            k = match(opt[1], meta, optimizer["problems"])
+            if k is not None:
+                k.key, k.kind = key, opt[0]
+                optimizer["keys"].append(k)
+            continue
         if key.startswith(OPTIONAL_PREFIXES):
-            continue  # optimizer state and RNG: not model weights, not converted
+            continue  # the rest of the optimizer state, RNG: not model weights, not converted
+        k = match(key, meta, problems)
+        if k is not None:
+            keys.append(k)
+    return keys, problems
+
+
+def _key_matcher(spec: ModelSpec, table: MappingTable):
+    top, layer = _entry_lookup(spec, table)
+    L, glob, P, per_layer = spec.num_layers, _GLOBAL, table.stack_prefix, per_layer_re(table)
+
+    def match(key: str, meta, problems: list) -> Optional[_Key]:
         m = per_layer.match(key)
         stacked = key.startswith(P) and key[len(P):] in layer
         group = (_group_at(layer[key[len(P):]], spec, None) if stacked else
@@ -282,12 +340,12 @@ def _match_keys(md, spec: ModelSpec, table: MappingTable) -> Tuple[List[_Key], L
         elif stacked and spec.mixed_layers:
             problems.append(f"{key} is stacked over all layers, but layers {list(spec.dense_layers)} are dense "
                             "and the others MoE")
-            continue
+            return None
         elif group and int(m.group(1)) < L:
             k = _Key(key, group, [int(m.group(1))], False, meta)
         else:
             problems.append(f"unknown tensor {key} (refusing to drop it silently)")
-            continue
+            return None
         e, shape = k.entries[0], tuple(meta.size)
         exp = e.shape(spec, glob)
         if e.tp_rule == "vocab":
@@ -298,9 +356,10 @@ def _match_keys(md, spec: ModelSpec, table: MappingTable) -> Tuple[List[_Key], L
             exp = (L,) + exp
         if shape != exp:
             problems.append(f"{key} has global shape {shape}, the architecture implies {exp}")
-            continue
-        keys.append(k)
-    return keys, problems
+            return None
+        return k
+
+    return match
 
 
 def _one_spelling(keys: List[_Key]) -> Tuple[List[_Key], set]:
@@ -446,6 +505,18 @@ def targets(spec: ModelSpec, layout: Layout, table: MappingTable,
     return out
 
 
+def optimizer_targets(model: List[TargetTensor], kinds, dtype_of) -> List[TargetTensor]:
+    """The model-space optimizer tensors (``optimizer.state.<kind>.<model key>``): each model tensor's
+    global shape and placements, over the shadows of its canonical tensors."""
+    out = []
+    for kind in kinds:
+        for t in model:
+            pls = [dataclasses.replace(p, canonical=optim.shadow(kind, p.canonical)) for p in t.placements]
+            key = f"{optim.DCP_PREFIX}{kind}.{t.key}"
+            out.append(TargetTensor(key, t.shape, _one_dtype(pls, dtype_of, key), pls, rule=t.rule))
+    return out
+
+
 def _one_dtype(pls, dtype_of, key) -> torch.dtype:
     dts = {dtype_of(p.canonical) for p in pls}
     if len(dts) != 1:
@@ -490,13 +561,15 @@ def layout_writers(spec: ModelSpec, layout: Layout, world: int, table: Optional[
     def writers(piece: Piece, t: TargetTensor) -> Tuple[int, ...]:
         lead = len(piece.dst_off) - len(piece.size)
         row = piece.dst_off[lead]
-        per_layer = per_layer_key.match(t.key)
+        opt = optim.dcp_model_key(t.key)
+        key = opt[1] if opt else t.key  # optimizer state: written where its weight is
+        per_layer = per_layer_key.match(key)
         if per_layer:  # decoder.layers.{i}.<name>: [E, ...] or the layer's own tensor
             pp, layer_axes = stage[int(per_layer.group(1))], 0
-        elif t.key.startswith(P):  # [L, ...] or [L, E, ...]
+        elif key.startswith(P):  # [L, ...] or [L, E, ...]
             pp, layer_axes = stage[piece.dst_off[0]], 1
         else:
-            pp, layer_axes = (0 if t.key.startswith("embedding.") else layout.pp - 1), 0
+            pp, layer_axes = (0 if key.startswith("embedding.") else layout.pp - 1), 0
         rows = t.shape[lead]
         expert = lead - layer_axes == 1
         n = etp if expert else layout.tp
@@ -528,7 +601,18 @@ class Target(_Target):
 
     def tensors(self):
         c = self.ctx
-        return targets(c.spec, c.layout, c.table, c.dtype_of)
+        out = targets(c.spec, c.layout, c.table, c.dtype_of)
+        if c.optimizer:
+            out += optimizer_targets(out, c.optimizer["kinds"], c.dtype_of)
+        return out
+
+    def common(self, dtype: torch.dtype) -> dict:
+        common = super().common(dtype)
+        opt = self.ctx.optimizer
+        if opt:  # the optimizer's non-tensor state (param groups with their step) and its sharding type
+            common["optimizer"] = opt["state"]
+            common["content_metadata"] = {"distrib_optim_sharding_type": "fully_reshardable"}
+        return common
 
     def writers(self, tensors, world):
         return layout_writers(self.ctx.spec, self.ctx.layout, world, self.ctx.table) if self.io.assign == "layout" else None
