@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from . import optim
 from .errors import ConfigError
 
 SOURCE_FORMATS = ("auto", "hf", "fsdp_dtensor", "torch_dist", "megatron_legacy", "meta")  # formats.NAMES
@@ -281,7 +282,7 @@ def _value_problems(cfg) -> list:
         out.append(f"io.commit={cfg.io.commit!r}: use auto or journal")
     if cfg.dry_run_world is not None and cfg.dry_run_world < 1:
         out.append("dry_run_world must be >= 1")
-    if cfg.optimizer not in ("auto", "keep", "drop"):
+    if cfg.optimizer not in optim.MODES:
         out.append(f"optimizer={cfg.optimizer!r}: use auto, keep or drop")
     return out
 

@@ -13,7 +13,7 @@ not decoded yet: with them ``optimizer=auto`` converts the weights and names the
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional
+from typing import Optional
 
 # the master weight (distributed optimizer: param; Float16Optimizer: fp32_param) and Adam's moments
 KINDS = ("param", "fp32_param", "exp_avg", "exp_avg_sq")
@@ -36,14 +36,14 @@ def split(name: str):
     return kind, canonical
 
 
+def shadows(names) -> list:
+    """The shadow names among ``names``."""
+    return [n for n in names if is_shadow(n)]
+
+
 def dcp_model_key(key: str) -> Optional[tuple]:
     """``(kind, model key)`` of a model-space torch_dist optimizer key, else None."""
     if not key.startswith(DCP_PREFIX):
         return None
     kind, _, rest = key[len(DCP_PREFIX):].partition(".")
     return (kind, rest) if kind in KINDS and rest else None
-
-
-def shadows_of(names: Iterable[str], kinds: Iterable[str]) -> Dict[str, str]:
-    """Shadow name -> canonical name, for every kind and canonical name."""
-    return {shadow(k, n): n for k in kinds for n in names}

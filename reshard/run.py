@@ -59,11 +59,7 @@ class Job:
 
     @property
     def names(self) -> List[str]:
-        """Every canonical tensor the conversion carries: the weights, and the optimizer state's shadows."""
-        names = sorted(table_for(self.spec).canonical_names(self.spec))
-        if self.optimizer:
-            names += sorted(n for n in self.index.slices if optim.is_shadow(n))
-        return names
+        return carried_names(self.spec, self.index, self.optimizer)
 
     def translate(self, e: BaseException, what: str, rank: int, stage: str = "") -> BaseException:
         needed = sum(p.written_nbytes for p in self.plan.written_by(rank))
@@ -161,21 +157,27 @@ def resolve(cfg, world: int) -> Job:
     check_source(index, table, spec)
     check_target(tgt, src, cfg.overwrite)
     cast = getattr(torch, cfg.target.dtype) if cfg.target.dtype else None
-    # optimizer state keeps its dtype (fp32) whatever the weights are cast to
-    dtype_of = (lambda name: index.dtypes[name] if optim.is_shadow(name) else cast) if cast else \
-        (lambda name: index.dtypes[name])
+
+    def dtype_of(name: str) -> torch.dtype:  # optimizer state keeps its dtype (fp32) whatever the weights are cast to
+        return cast if cast is not None and not optim.is_shadow(name) else index.dtypes[name]
+
     writer = formats.writer(cfg.target.format, Context(spec, layout, table, dtype_of, cfg, index, src, world, opt))
     writer.check()
     tgts = writer.tensors()
     plan = build_plan(index, tgts, world, buffer_bytes=int(cfg.io.buffer_mb * 2**20),
                       max_piece_bytes=int(cfg.io.max_piece_mb * 2**20) if cfg.io.max_piece_mb else None,
                       writers_of=writer.writers(tgts, world), read_by_writer=writer.read_by_writer)
-    carried = list(table.canonical_names(spec)) + ([n for n in index.slices if optim.is_shadow(n)] if opt else [])
-    problems = check_coverage(plan, {n: index.shapes[n] for n in carried})
+    problems = check_coverage(plan, {n: index.shapes[n] for n in carried_names(spec, index, opt)})
     if problems:  # a planner bug, never an input problem: refuse to write anything
         raise VerifyError("the plan does not cover the conversion exactly:\n  - " + "\n  - ".join(problems[:20]))
     common = writer.common(tgts[0].dtype if tgts else torch.float32)
     return Job(src, tgt, spec, layout, index, plan, common, cfg.target.iteration, writer, dtype_of, opt)
+
+
+def carried_names(spec: ModelSpec, index, optimizer: Optional[dict]) -> List[str]:
+    """Every canonical tensor a conversion carries: the weights, and the optimizer state's shadows."""
+    names = sorted(table_for(spec).canonical_names(spec))
+    return names + (sorted(optim.shadows(index.slices)) if optimizer else [])
 
 
 # target formats that write the optimizer state this version reads (torch_dist fully_reshardable)
@@ -210,10 +212,11 @@ def optimizer_state(index, cfg) -> Optional[dict]:
             cfg.target.iteration = index.iteration
         log.info("optimizer state carried: %s (%d tensors, %s), iteration %s", ", ".join(opt["kinds"]),
                  opt["tensors"], opt["sharding"], cfg.target.iteration)
-    for name in [n for n in index.slices if optim.is_shadow(n)] if carried is None else []:
-        del index.slices[name]
-        index.shapes.pop(name, None)
-        index.dtypes.pop(name, None)
+    if carried is None:
+        for name in optim.shadows(list(index.slices)):
+            del index.slices[name]
+            index.shapes.pop(name, None)
+            index.dtypes.pop(name, None)
     return carried
 
 

@@ -154,11 +154,14 @@ def bert_spec_from_args(args: Any, where: str, vocab_size: Optional[int], keys: 
     nh, h = int(need("num_attention_heads")), int(need("hidden_size"))
     if _get(args, "group_query_attention", default=False):
         raise SourceError(f"{where}: args say group_query_attention=True; Megatron BERT has multi-head attention")
+    # the tensors tell, where the stage holding them is there (else, in a damaged checkpoint, the args)
     pos = keys.get("embedding.position_embeddings.weight")
-    tokentypes = keys.get("embedding.tokentype_embeddings.weight")
-    has_embedding = "embedding.word_embeddings.weight" in keys
-    binary = "binary_head.weight" in keys if "lm_head.dense.weight" in keys else bool(_get(args, "bert_binary_head",
-                                                                                           default=True))
+    binary = bool(_get(args, "bert_binary_head", default=True))
+    if "lm_head.dense.weight" in keys:
+        binary = "binary_head.weight" in keys
+    tokentypes = 2 if binary else 0  # Megatron-LM's pretrain_bert
+    if "embedding.word_embeddings.weight" in keys:
+        tokentypes = keys.get("embedding.tokentype_embeddings.weight", (0,))[0]
     d = dict(
         model_type="bert", num_layers=int(need("num_layers")), hidden_size=h, num_attention_heads=nh,
         num_query_groups=nh, head_dim=int(_get(args, "kv_channels") or h // nh),
@@ -166,7 +169,7 @@ def bert_spec_from_args(args: Any, where: str, vocab_size: Optional[int], keys: 
         norm_eps=float(_get(args, "norm_epsilon", "layernorm_epsilon", default=1e-5)),
         max_position_embeddings=int(pos[0]) if pos else int(_get(args, "max_position_embeddings", default=512)),
         tie_word_embeddings=not bool(_get(args, "untie_embeddings_and_output_weights", default=False)),
-        num_tokentypes=int(tokentypes[0]) if tokentypes else 0 if has_embedding else 2 if binary else 0,
+        num_tokentypes=int(tokentypes),
         binary_head=binary, dtype=_dtype_name(args),
     )
     log.info("%s: a Megatron BERT (encoder.* tensors); architecture from its args and tensor shapes", where)

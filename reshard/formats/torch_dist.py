@@ -240,11 +240,10 @@ def _optimizer_info(opt: dict, opt_keys: List[_Key], common: dict, index: Source
     sharding = (meta or {}).get("distrib_optim_sharding_type") or "fully_reshardable"
     state = common.get("optimizer") if isinstance(common, dict) else None
     kinds = sorted({k.kind for k in opt_keys})
-    for name in list(index.slices):
-        if optim.is_shadow(name):
-            index.shapes[name] = index.shapes[optim.split(name)[1]]
-    return {"kinds": kinds, "sharding": sharding, "state": state, "problems": opt["problems"],
-            "tensors": sum(1 for n in index.slices if optim.is_shadow(n))}
+    names = optim.shadows(index.slices)
+    for name in names:
+        index.shapes[name] = index.shapes[optim.split(name)[1]]
+    return {"kinds": kinds, "sharding": sharding, "state": state, "problems": opt["problems"], "tensors": len(names)}
 
 
 def chunk_tensor(ckpt: str, root: str, key: str, ch, where) -> StoredTensor:
@@ -300,8 +299,6 @@ def _match_keys(md, spec: ModelSpec, table: MappingTable, optimizer: Optional[di
     (``optimizer.state.<kind>.<model key>``) are matched like their model key and appended to
     ``optimizer["keys"]``, their problems to ``optimizer["problems"]`` (they matter only when the
     state is kept)."""
-    from .. import optim
-
     problems, keys = [], []
     match = _key_matcher(spec, table)
     for key, meta in sorted(md.state_dict_metadata.items()):

@@ -25,7 +25,6 @@ import sys
 import warnings
 from argparse import Namespace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -33,7 +32,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 
 from tests import procgroup  # noqa: E402
 from tests.referees import mcore  # noqa: E402
-from tests.referees.mcore_ckpt import iter_dir, padded_vocab  # noqa: E402
+from tests.referees.mcore_ckpt import (ITERATION, count_equal, iter_dir, load_rank_file, padded_vocab,  # noqa: E402
+                                       rank_dir, rng_state, save_both)
 
 BATCH, SEQ = 2, 12
 
@@ -140,32 +140,20 @@ def logits(model, spec):
 
 
 def make(spec, out, tp, pp):
-    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
     torch.manual_seed(1234)
     model = build(spec, tp, pp)
     perturb(model)
     t, p = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    d = f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "")
+    d = rank_dir(t, p, pp)
     args = megatron_args(spec, tp, pp)
-    state = {"args": args, "checkpoint_version": 3.0, "iteration": 100, "model": model.state_dict(),
-             "rng_state": [{"random_rng_state": None, "np_rng_state": np.random.get_state(),
-                            "torch_rng_state": torch.get_rng_state()}]}
-    path = os.path.join(out, "legacy", "iter_0000100", d, "model_optim_rng.pt")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(state, path)
-    sharded = {"model": model.sharded_state_dict(), "args": args, "iteration": 100, "checkpoint_version": 3.0}
-    td = os.path.join(out, "torch_dist", "iter_0000100")
-    os.makedirs(td, exist_ok=True)
-    dist_checkpointing.save(sharded, td)
+    common = {"args": args, "checkpoint_version": 3.0, "iteration": ITERATION}
+    save_both(out, d, dict(common, model=model.state_dict(), rng_state=rng_state()),
+              dict(common, model=model.sharded_state_dict()))
     mlm, nsp = logits(model, spec)
     if mlm is not None and t == 0:
         torch.save({"mlm": mlm, "nsp": nsp, "layout": [tp, pp]}, os.path.join(out, "logits.pt"))
-    if dist.get_rank() == 0:
-        for kind in ("legacy", "torch_dist"):
-            with open(os.path.join(out, kind, "latest_checkpointed_iteration.txt"), "w") as f:
-                f.write("100")
     dist.barrier()
     mcore.rank_print(f"made {d}")
 
@@ -183,8 +171,7 @@ def check(spec, out, kind, ckpt, tp, pp, job):
     got = build(spec, tp, pp)
     t, p = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     if kind == "legacy":
-        d = f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "")
-        state = torch.load(os.path.join(iter_dir(ckpt), d, "model_optim_rng.pt"), weights_only=False)
+        state = load_rank_file(ckpt, rank_dir(t, p, pp))
         a = state["args"]
         assert (a.tensor_model_parallel_size, a.pipeline_model_parallel_size) == (tp, pp), (tp, pp)
         assert a.padded_vocab_size == padded_vocab(spec, tp) and a.bert_binary_head == spec["binary_head"]
@@ -195,18 +182,7 @@ def check(spec, out, kind, ckpt, tp, pp, job):
     load_megatron(want, iter_dir(os.path.join(out, "torch_dist")))
     rows = padded_vocab(spec, tp) // tp
     real = max(0, min(rows, spec["vocab_size"] - t * rows))
-    sa, sb = got.state_dict(), want.state_dict()
-    assert sa.keys() == sb.keys(), set(sa) ^ set(sb)
-    n = 0
-    for k in sa:
-        if k.endswith("_extra_state"):
-            continue
-        x, y = sa[k], sb[k]
-        if k in ("embedding.word_embeddings.weight", "output_layer.weight", "output_layer.bias"):
-            x, y = x[:real], y[:real]
-        if x.shape != y.shape or not torch.equal(x, y):
-            raise AssertionError(f"job {job} rank {dist.get_rank()} (tp {t} pp {p}): {k} differs")
-        n += 1
+    n = count_equal(got.state_dict(), want.state_dict(), real, f"job {job} rank {dist.get_rank()} (tp {t} pp {p})")
     assert n > 0
     mcore.say(f"OK job {job} rank {dist.get_rank()} tp {t} pp {p}: {n} tensors equal")
     mlm, nsp = logits(got, spec)

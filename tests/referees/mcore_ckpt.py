@@ -89,8 +89,60 @@ def megatron_args(spec, tp, pp, vpp, padded):
     )
 
 
-def make(spec, out, tp, pp, vpp):
+ITERATION = 100
+VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight", "output_layer.bias")
+
+
+def rank_dir(t, p, pp):
+    return f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "")
+
+
+def rng_state():
+    """RNG state as Megatron saves it (numpy objects included: a reader must not run them)."""
+    return [{"random_rng_state": None, "np_rng_state": np.random.get_state(), "torch_rng_state": torch.get_rng_state()}]
+
+
+def save_both(out, d, state, sharded):
+    """This rank's legacy file ``OUT/legacy/iter_0000100/<d>/model_optim_rng.pt`` (``state``) and its part
+    of Megatron's own ``dist_checkpointing.save`` of ``sharded`` under OUT/torch_dist; then the trackers."""
     from megatron.core import dist_checkpointing
+
+    it = f"iter_{ITERATION:07d}"
+    path = os.path.join(out, "legacy", it, d, "model_optim_rng.pt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(state, path)
+    td = os.path.join(out, "torch_dist", it)
+    os.makedirs(td, exist_ok=True)
+    dist_checkpointing.save(sharded, td)
+    if dist.get_rank() == 0:
+        for kind in ("legacy", "torch_dist"):
+            with open(os.path.join(out, kind, "latest_checkpointed_iteration.txt"), "w") as f:
+                f.write(str(ITERATION))
+    dist.barrier()
+
+
+def load_rank_file(ckpt, d):
+    return torch.load(os.path.join(iter_dir(ckpt), d, "model_optim_rng.pt"), weights_only=False)
+
+
+def count_equal(sa, sb, real, where):
+    """Every tensor of two state dicts equal (``_extra_state`` skipped; vocab rows from ``real`` on are
+    padding, not data); returns how many."""
+    assert sa.keys() == sb.keys(), set(sa) ^ set(sb)
+    n = 0
+    for k in sa:
+        if k.endswith("_extra_state"):
+            continue
+        x, y = sa[k], sb[k]
+        if k in VOCAB_KEYS:
+            x, y = x[:real], y[:real]
+        if x.shape != y.shape or not torch.equal(x, y):
+            raise AssertionError(f"{where}: {k} differs")
+        n += 1
+    return n
+
+
+def make(spec, out, tp, pp, vpp):
     from megatron.core import parallel_state as ps
 
     padded = padded_vocab(spec, tp)
@@ -104,33 +156,18 @@ def make(spec, out, tp, pp, vpp):
             for name, p in m.named_parameters():
                 if "norm" in name or name.endswith("bias"):
                     p.add_(torch.randn_like(p) * 0.1)
-    t, p = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    d = f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "")
+    d = rank_dir(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), pp)
     args = megatron_args(spec, tp, pp, vpp, padded)
-    state = {"args": args, "checkpoint_version": 3.0, "iteration": 100,
-             "rng_state": [{"random_rng_state": None, "np_rng_state": np.random.get_state(),
-                            "torch_rng_state": torch.get_rng_state()}]}
+    state = {"args": args, "checkpoint_version": 3.0, "iteration": ITERATION, "rng_state": rng_state()}
     if vpp:
         for v, m in enumerate(chunks):
             state[f"model{v}"] = m.state_dict()
     else:
         state["model"] = chunks[0].state_dict()
-    path = os.path.join(out, "legacy", "iter_0000100", d, "model_optim_rng.pt")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(state, path)
     # Megatron's own torch_dist writer, from the same weights.
     sharded = {f"model{v}": m.sharded_state_dict() for v, m in enumerate(chunks)}
-    sharded["args"] = args
-    sharded["iteration"] = 100
-    sharded["checkpoint_version"] = 3.0
-    td = os.path.join(out, "torch_dist", "iter_0000100")
-    os.makedirs(td, exist_ok=True)
-    dist_checkpointing.save(sharded, td)
-    if dist.get_rank() == 0:
-        for kind in ("legacy", "torch_dist"):
-            with open(os.path.join(out, kind, "latest_checkpointed_iteration.txt"), "w") as f:
-                f.write("100")
-    dist.barrier()
+    sharded.update(args=args, iteration=ITERATION, checkpoint_version=3.0)
+    save_both(out, d, state, sharded)
     mcore.rank_print(f"made {d}")
 
 
@@ -156,8 +193,7 @@ def check(spec, ref, kind, ckpt, tp, pp, vpp, job=0):
     got = build(spec, tp, pp, vpp, padded)
     t, p = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     if kind == "legacy":
-        d = f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "")
-        state = torch.load(os.path.join(iter_dir(ckpt), d, "model_optim_rng.pt"), weights_only=False)
+        state = load_rank_file(ckpt, rank_dir(t, p, pp))
         assert state["args"].tensor_model_parallel_size == tp and state["args"].pipeline_model_parallel_size == pp
         assert state["args"].padded_vocab_size == padded
         for v, m in enumerate(got):
@@ -166,21 +202,10 @@ def check(spec, ref, kind, ckpt, tp, pp, vpp, job=0):
         load_ref(got, iter_dir(ckpt))
     want = build(spec, tp, pp, vpp, padded)
     load_ref(want, iter_dir(ref))
-    n = 0
     rows = padded // tp
     real = max(0, min(rows, spec["vocab_size"] - t * rows))
-    for v, (a, b) in enumerate(zip(got, want)):
-        sa, sb = a.state_dict(), b.state_dict()
-        assert sa.keys() == sb.keys(), set(sa) ^ set(sb)
-        for k in sa:
-            if k.endswith("_extra_state"):
-                continue
-            x, y = sa[k], sb[k]
-            if k in ("embedding.word_embeddings.weight", "output_layer.weight"):
-                x, y = x[:real], y[:real]
-            if x.shape != y.shape or not torch.equal(x, y):
-                raise AssertionError(f"rank {dist.get_rank()} (tp {t} pp {p} chunk {v}): {k} differs")
-            n += 1
+    n = sum(count_equal(a.state_dict(), b.state_dict(), real, f"rank {dist.get_rank()} (tp {t} pp {p} chunk {v})")
+            for v, (a, b) in enumerate(zip(got, want)))
     assert n > 0
     mcore.say(f"OK job {job} rank {dist.get_rank()} tp {t} pp {p}: {n} tensors equal")
 
