@@ -67,6 +67,9 @@ class ParallelConfig:
     target_first_stage_layers: Optional[int] = None
     target_last_stage_layers: Optional[int] = None
     make_vocab_size_divisible_by: int = 128
+    # the data-parallel size of the run that resumes from a training checkpoint: needed only where the
+    # layout of a written distrib_optim.pt depends on it (--overlap-grad-reduce without --ddp-bucket-size)
+    target_dp: Optional[int] = None
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -39,6 +40,8 @@ def inspect(path: str, fmt: str = "auto", vocab_size=None) -> dict:
         info["canonical_tensors"] = len(index.slices)
         info["canonical_bytes"] = index.total_bytes
         info["not_carried"] = index.not_carried
+        if index.optimizer is not None:
+            info["optimizer"] = optimizer_summary(index)
         for f, names in sorted(index.unlisted.items()):
             info["problems"].append(f"{f} holds {len(names)} tensor(s) the index does not name: {sorted(names)[:8]}")
     except ReshardError as e:
@@ -48,6 +51,20 @@ def inspect(path: str, fmt: str = "auto", vocab_size=None) -> dict:
     info["files"] = len({t["file"] for t in info["tensors"]})
     info["stored_bytes"] = sum(t["bytes"] for t in info["tensors"])
     return info
+
+
+def optimizer_summary(index) -> dict:
+    """What a training checkpoint's optimizer state is and whether this version carries it."""
+    from . import optim
+
+    o = index.optimizer
+    names = optim.shadows(index.slices)
+    groups = ((o.get("state") or {}).get("optimizer") or {}).get("param_groups") or []
+    steps = sorted({g.get("step") for g in groups if isinstance(g, dict) and g.get("step") is not None})
+    return {"form": o["sharding"], "kinds": o["kinds"], "tensors": len(names),
+            "bytes": sum(s.stored.dtype.itemsize * math.prod(s.size) for n in names for s in index.slices[n]),
+            "param_groups": len(groups), "step": steps[0] if len(steps) == 1 else steps or None,
+            "scheduler": o.get("scheduler") is not None, "problems": list(o["problems"])}
 
 
 def format_text(info: dict) -> str:
@@ -92,11 +109,23 @@ def format_text(info: dict) -> str:
     for t in info["tensors"]:
         lines.append(f"  {t['name']:<{w}}  {str(tuple(t['shape'])):<22} {t['dtype']:<9} {t['bytes']:>14,d}  "
                      f"{t['file']}")
-    if info.get("not_carried"):
+    o = info.get("optimizer")
+    if o:
+        lines.append(f"optimizer state: {o['form']}, {', '.join(o['kinds']) or 'nothing decoded'}: {o['tensors']} "
+                     f"tensor(s) shadowing the weights, {o['bytes'] / 1e9:.3f} GB, {o['param_groups']} param group(s), "
+                     f"step {o['step']}, scheduler state {'yes' if o['scheduler'] else 'no'}; "
+                     + ("carried to torch_dist by optimizer=auto|keep" if not o["problems"] else
+                        "NOT carried (optimizer=drop converts the weights only): " + "; ".join(o["problems"][:3])))
+    nc = dict(info.get("not_carried") or {})
+    if o and not o["problems"]:  # named on its own line above
+        for kind in ("optimizer state", "distributed optimizer state"):
+            nc.pop(kind, None)
+        if o["scheduler"]:
+            nc.pop("learning-rate scheduler state", None)
+    if nc:
         from .report import not_carried_text
 
-        lines.append("not converted by this version (training state beside the weights): "
-                     + not_carried_text(info["not_carried"]))
+        lines.append("not converted by this version (training state beside the weights): " + not_carried_text(nc))
     if info.get("beside"):
         lines.append("beside it (a reshard run writing here now, or one that was interrupted: `reshard clean "
                      f"{info['path']}` removes what a gone run left): " + ", ".join(info["beside"]))

@@ -154,6 +154,16 @@ def resolve(cfg, world: int) -> Job:
     layout.check(spec)
     table = table_for(spec)
     opt = optimizer_state(index, cfg)
+    rows = training_vocab_rows(index, layout, opt)
+    if rows > spec.vocab_size:  # read again, the source's padding rows now data
+        true_vocab = spec.vocab_size
+        spec = dataclasses.replace(spec, vocab_size=rows)
+        index = fmt.read_index(src, cfg.source.iteration, rows)
+        index.spec = spec
+        opt = optimizer_state(index, cfg)
+        opt["true_vocab"] = true_vocab
+        log.info("training state: vocab padding rows %d..%d of the source carried as they are (Megatron's softmax "
+                 "runs over the padded vocab, so they are part of the model being trained)", true_vocab, rows - 1)
     check_source(index, table, spec)
     check_target(tgt, src, cfg.overwrite)
     cast = getattr(torch, cfg.target.dtype) if cfg.target.dtype else None
@@ -174,14 +184,24 @@ def resolve(cfg, world: int) -> Job:
     return Job(src, tgt, spec, layout, index, plan, common, cfg.target.iteration, writer, dtype_of, opt)
 
 
+def training_vocab_rows(index, layout: Layout, optimizer: Optional[dict]) -> int:
+    """The vocab rows a training checkpoint carries: with its optimizer state (Megatron -> Megatron), the
+    source's padding rows too, as far as the target's padded vocab has room - they are trained (Megatron's
+    softmax runs over the padded vocab), so a run resumes exactly only with them. Otherwise the vocab."""
+    v = index.spec.vocab_size
+    if optimizer is None or not index.vocab_rows or index.spec.is_encoder:
+        return v
+    return max(v, min(index.vocab_rows, layout.padded_vocab(v)))
+
+
 def carried_names(spec: ModelSpec, index, optimizer: Optional[dict]) -> List[str]:
     """Every canonical tensor a conversion carries: the weights, and the optimizer state's shadows."""
     names = sorted(table_for(spec).canonical_names(spec))
     return names + (sorted(optim.shadows(index.slices)) if optimizer else [])
 
 
-# target formats that write the optimizer state this version reads (torch_dist fully_reshardable)
-OPTIMIZER_TARGETS = ("torch_dist",)
+# target formats that write the optimizer state (torch_dist fully_reshardable, legacy distrib_optim.pt)
+OPTIMIZER_TARGETS = ("torch_dist", "megatron_legacy")
 
 
 def optimizer_state(index, cfg) -> Optional[dict]:
@@ -196,9 +216,9 @@ def optimizer_state(index, cfg) -> Optional[dict]:
             held = {k: v for k, v in index.not_carried.items() if "optimizer" in k}
             raise ConfigError("optimizer=keep: " + (
                 f"the source's optimizer state ({', '.join(k + ': ' + v['where'] for k, v in held.items())}) is in a "
-                "form this version does not decode yet (it reads torch_dist fully_reshardable: "
-                "optimizer.state.<kind>.<key>); use optimizer=drop to convert the weights only"
-                if held else "the source holds no optimizer state"))
+                "form this version does not decode (it reads Megatron-core's distributed optimizer: torch_dist "
+                "fully_reshardable and dp_reshardable, legacy distrib_optim.pt); use optimizer=drop to convert "
+                "the weights only" if held else "the source holds no optimizer state"))
         if fmt not in OPTIMIZER_TARGETS:
             raise ConfigError(f"optimizer=keep: target.format={fmt} does not carry optimizer state in this version "
                               f"(only {', '.join(OPTIMIZER_TARGETS)}); use optimizer=drop to convert the weights only")
@@ -207,7 +227,10 @@ def optimizer_state(index, cfg) -> Optional[dict]:
             raise SourceError(f"the optimizer state of {index.root} is incomplete (optimizer=drop converts the "
                               "weights only):\n  - " + "\n  - ".join(opt["problems"][:20]))
         carried = opt
-        index.not_carried.pop("optimizer state", None)
+        for kind in ("optimizer state", "distributed optimizer state"):
+            index.not_carried.pop(kind, None)
+        if opt.get("scheduler") is not None:
+            index.not_carried.pop("learning-rate scheduler state", None)
         if cfg.target.iteration is None and index.iteration is not None:
             cfg.target.iteration = index.iteration
         log.info("optimizer state carried: %s (%d tensors, %s), iteration %s", ", ".join(opt["kinds"]),
@@ -461,10 +484,15 @@ def _convert(cfg) -> dict:
     if rank == 0 and job.index.not_carried:
         from .report import not_carried_text
 
-        log.warning("not carried: the source also holds %s; the output will not have them (a training run "
-                    "resumed from it starts a new optimizer; this version carries optimizer state only from "
-                    "torch_dist fully_reshardable to torch_dist, optimizer=%s)",
-                    not_carried_text(job.index.not_carried), cfg.optimizer)
+        nc = job.index.not_carried
+        if job.optimizer:  # a training checkpoint resharded: what still cannot follow, and why
+            log.warning("not carried: %s (per-rank state of the source's ranks, which do not map onto the target's "
+                        "ranks; resume with Megatron-LM's --no-load-rng, which then seeds from --seed)",
+                        not_carried_text(nc))
+        else:
+            log.warning("not carried: the source also holds %s; the output will not have them (a training run "
+                        "resumed from it starts a new optimizer; optimizer=%s: this version carries Megatron-core's "
+                        "distributed optimizer state to torch_dist)", not_carried_text(nc), cfg.optimizer)
     if cfg.dry_run:
         from . import dryrun
 

@@ -77,6 +77,7 @@ class SourceIndex:
     # "state": the optimizer's non-tensor state (param groups, step)}; None: the source has none this
     # version reads
     optimizer: Optional[dict] = None
+    vocab_rows: Optional[int] = None  # a Megatron source's padded vocab, as stored (its rows past the vocab: padding)
 
     @property
     def total_bytes(self) -> int:

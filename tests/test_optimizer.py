@@ -1,19 +1,33 @@
-"""Optimizer state carried with the weights (issue 12, first part): Megatron-core's distributed optimizer
-saved ``fully_reshardable`` in torch_dist, resharded to other TP/DP sizes, loaded back by Megatron-core's
-own optimizer loading code and compared with Megatron's own resharding of the same save.
+"""Optimizer state carried with the weights (issue 12): Megatron-core's distributed optimizer, saved by
+Megatron-core itself as torch_dist ``fully_reshardable``, torch_dist ``dp_reshardable`` and legacy
+``distrib_optim.pt``, resharded to other TP/DP sizes into torch_dist, loaded back by Megatron-core's own
+loading code and compared with Megatron's own resharding of the same save; then one more training step.
 
 The source is made by Megatron-core on CPU (``tests/referees/mcore_train.py make``): a tiny Llama-3 GPT at
-TP=2 DP=2 (4 ranks), DistributedDataParallel + DistributedOptimizer (Adam), 2 steps, then saved.
+TP=2 DP=2 (4 ranks), DistributedDataParallel + DistributedOptimizer (Adam) + OptimizerParamScheduler,
+2 steps, then saved; a third step's loss and weights are the reference for the step after a conversion.
 """
 
 import json
 import os
+import re
+import shutil
 
 import pytest
 
 from conftest import REPO, read_json, run_jobs, run_reshard, run_torchrun
 
 TRAIN = os.path.join(REPO, "tests", "referees", "mcore_train.py")
+V = "model.vocab_size=250"
+
+# name -> (source form, target format, target TP, --make-vocab-size-divisible-by of the target): 64 at TP=4
+# keeps the source's padded vocab (256), so that the step after loading can equal the source's own third step
+JOBS = {"tp4": ("torch_dist", "torch_dist", 4, 128), "tp1": ("torch_dist", "torch_dist", 1, 128),
+        "dp_tp4": ("torch_dist_dp", "torch_dist", 4, 64), "dp_tp1": ("torch_dist_dp", "torch_dist", 1, 128),
+        "leg_tp4": ("legacy", "torch_dist", 4, 64),
+        # into legacy files: model_optim_rng.pt (optimizer entry, scheduler) + distrib_optim.pt per TP rank
+        "dp_leg4": ("torch_dist_dp", "megatron_legacy", 4, 64), "leg_leg1": ("legacy", "megatron_legacy", 1, 128)}
+SAME_VOCAB = ("dp_tp4", "dp_tp1", "leg_tp4", "dp_leg4", "leg_leg1")
 
 
 @pytest.fixture(scope="module")
@@ -25,73 +39,195 @@ def trained(tmp_path_factory):
     with open(spec, "w") as f:
         json.dump(dict(load_preset("tiny_llama3").to_dict(), vocab_size=250), f)
     run_torchrun(4, [TRAIN, "make", spec, str(root / "src"), "2"], timeout=600)
-    return {"root": root, "spec": spec, "src": str(root / "src"), "td": str(root / "src" / "torch_dist")}
+    src = str(root / "src")
+    return {"root": root, "spec": spec, "src": src, **{k: os.path.join(src, k) for k in
+                                                       ("torch_dist", "torch_dist_dp", "legacy")}}
 
 
 @pytest.fixture(scope="module")
 def converted(trained):
-    root, src = trained["root"], trained["td"]
-    out = {k: str(root / k) for k in ("tp4", "tp1", "drop", "legacy")}
-    v = "model.vocab_size=250"
-    run_jobs(3, [[v, f"source.path={src}", f"target.path={out['tp4']}", "parallel.target_tp=4"],
-                 [v, f"source.path={src}", f"target.path={out['tp1']}", "parallel.target_tp=1"],
-                 [v, f"source.path={src}", f"target.path={out['drop']}", "parallel.target_tp=1", "optimizer=drop"],
-                 [v, f"source.path={src}", f"target.path={out['legacy']}", "target.format=megatron_legacy",
-                  "parallel.target_tp=1"]], root, "opt_jobs")
-    checks = {}
-    for name, tp in (("tp4", 4), ("tp1", 1)):
-        p = run_torchrun(4, [TRAIN, "check", trained["spec"], trained["src"], out[name], str(tp)], timeout=600)
-        checks[name] = sorted({x for x in p.stdout.splitlines() if x.startswith(("OK rank", "STEP rank"))})
-    return out, checks
+    root = trained["root"]
+    out = {k: str(root / k) for k in list(JOBS) + ["drop", "hf_target"]}
+    jobs = [[V, f"source.path={trained[form]}", f"target.path={out[name]}", f"target.format={fmt}",
+             "target.transformer_impl=local", f"parallel.target_tp={tp}", f"parallel.make_vocab_size_divisible_by={m}"]
+            for name, (form, fmt, tp, m) in JOBS.items()]
+    jobs += [[V, f"source.path={trained['torch_dist']}", f"target.path={out['drop']}", "parallel.target_tp=1",
+              "optimizer=drop"],
+             [V, f"source.path={trained['torch_dist']}", f"target.path={out['hf_target']}", "target.format=hf"]]
+    run_jobs(3, jobs, root, "opt_jobs")  # 3 ranks: neither the source's 4 nor the targets' 1 or 4
+    p = run_torchrun(4, [TRAIN, "check", trained["spec"], trained["src"]]
+                     + [f"{out[name]}:{tp}:{m}" for name, (_, _, tp, m) in JOBS.items()], timeout=900)
+    lines = {name: sorted({x for x in p.stdout.splitlines() if re.match(rf"\w+ job {k} ", x)})
+             for k, name in enumerate(JOBS)}
+    return out, lines
 
 
-@pytest.mark.parametrize("name,tp", [("tp4", 4), ("tp1", 1)])
-def test_megatron_loads_every_optimizer_tensor_equal_to_its_own_resharding(converted, name, tp):
-    oks = [x for x in converted[1][name] if x.startswith("OK")]
-    assert len(oks) == 4, converted[1][name]  # every rank: TP=4 DP=1, or TP=1 DP=4
+def _of(lines, what):
+    return [x for x in lines if x.startswith(what + " job")]
+
+
+@pytest.mark.parametrize("name", list(JOBS))
+def test_megatron_loads_every_optimizer_tensor_equal_to_its_own_resharding(converted, name):
+    lines = converted[1][name]
+    oks = _of(lines, "OK")
+    assert len(oks) == 4, lines  # every rank: TP=4 DP=1, or TP=1 DP=4
     assert all("optimizer tensors equal, step 2" in x for x in oks)
-    if tp == 4:  # DP=1: each rank holds the whole state of its 27 parameters (master weight + 2 moments)
+    if JOBS[name][2] == 4:  # DP=1: each rank holds the whole state of its 27 parameters (master weight + 2 moments)
         assert all(" 81 optimizer tensors equal" in x for x in oks), oks
-    steps = [x for x in converted[1][name] if x.startswith("STEP")]
-    assert len(steps) == 4  # one more Adam step on the loaded state ran on every rank
+    else:  # DP=4: the 27 parameters' state split over 4 ranks, each holds a part of it
+        assert sum(int(re.search(r": (\d+) optimizer", x).group(1)) for x in oks) >= 81
+    # Megatron's own scheduler loads the carried scheduler state; the iteration and the samples seen are kept
+    states = _of(lines, "STATE")
+    form = "legacy" if JOBS[name][1] == "megatron_legacy" else "torch_dist"  # how Megatron loaded it
+    assert len(states) == 4 and all(f"{form}, iteration 2, scheduler num_steps 8, consumed_train_samples 8" in x
+                                    for x in states), states
 
 
-def test_training_output_keeps_its_iteration_and_optimizer_groups(converted):
+@pytest.mark.parametrize("name", SAME_VOCAB)
+def test_the_next_step_is_the_step_the_source_took(converted, name):
+    """Same padded vocab as the source: the loss of the step after loading and the updated weights equal
+    Megatron's own resharding's, and the source's own third step's up to the order of float sums."""
+    lines = converted[1][name]
+    steps = _of(lines, "STEP")
+    assert len(steps) == 4, lines
+    for x in steps:
+        ours, megatron, source = re.search(r"loss ([\d.]+) \(Megatron's own resharding ([\d.]+); the source at "
+                                           r"tp 2 dp 2: ([\d.]+)\)", x).groups()
+        # ours is Megatron's own resharding's to the bit; the source's up to the order of float sums (other TP/DP)
+        assert ours == megatron and abs(float(ours) - float(source)) < 1e-5, x
+    for x in _of(lines, "WEIGHTS"):
+        m = re.search(r"(\d+) of (\d+) updated weights equal .* max \|d\| vs the source's step 3 ([\d.e+-]+)", x)
+        assert m and m.group(1) == m.group(2) == "27" and float(m.group(3)) < 1e-5, x
+
+
+def test_training_output_keeps_its_iteration_scheduler_and_args(converted, trained):
+    from argparse import Namespace
+
     from reshard.formats import torch_dist
 
-    out = converted[0]["tp4"]
+    out = converted[0]["dp_tp4"]
     with open(os.path.join(out, "latest_checkpointed_iteration.txt")) as f:
         assert f.read() == "2"
     tensors, objects = torch_dist.load_full(os.path.join(out, "iter_0000002"))
     common = objects[torch_dist.COMMON_KEY]
     common = common[0] if isinstance(common, list) else common  # Megatron's byte entry holds [common state]
     assert common["iteration"] == 2 and common["content_metadata"]["distrib_optim_sharding_type"] == "fully_reshardable"
+    assert common["optimizer"]["param_state_sharding_type"] == "fully_reshardable"
     groups = common["optimizer"]["optimizer"]["param_groups"]
     assert len(groups) == 2 and {g["step"] for g in groups} == {2.0} and {g["wd_mult"] for g in groups} == {0.0, 1.0}
+    assert common["opt_param_scheduler"]["num_steps"] == 8
+    args = common["args"]
+    assert isinstance(args, Namespace) and args.consumed_train_samples == 8 and args.global_batch_size == 4
+    assert args.tensor_model_parallel_size == 4 and args.data_parallel_size is None  # the resuming job's to set
+    assert args.vocab_size == 250 and args.padded_vocab_size == 256  # padding rows carried, the vocab still 250
     opt = {k for k in tensors if k.startswith("optimizer.state.")}
     model = {k for k in tensors if not k.startswith("optimizer.")}
     assert opt == {f"optimizer.state.{kind}.{k}" for kind in ("param", "exp_avg", "exp_avg_sq") for k in model}
-    assert tensors["optimizer.state.exp_avg.embedding.word_embeddings.weight"].shape == (512, 64)  # TP=4 padding
+    src, _ = torch_dist.load_full(os.path.join(trained["torch_dist"], "iter_0000002"))
+    for k in ("embedding.word_embeddings.weight", "optimizer.state.exp_avg.output_layer.weight"):
+        assert tensors[k].shape == (256, 64) and (tensors[k] == src[k]).all()  # padding rows 250..255 included
     rep = read_json(os.path.join(out, "reshard_report.json"))
     assert "optimizer state" not in rep["not_carried"] and rep["verify"]["tensors"] == 39 * 4  # weights + 3 kinds
+    assert set(rep["not_carried"]) <= {"RNG state"}, rep["not_carried"]
+
+
+def test_legacy_output_has_megatrons_files(converted):
+    """What Megatron-LM's legacy save writes: each rank file with the optimizer entry and the scheduler, and
+    beside it the distributed optimizer's coalesced buffers sized as Megatron lays out the target's buckets."""
+    import torch
+
+    out = os.path.join(converted[0]["dp_leg4"], "iter_0000002")
+    assert sorted(os.listdir(out)) == [f"mp_rank_{t:02d}" for t in range(4)]
+    for t in range(4):
+        d = os.path.join(out, f"mp_rank_{t:02d}")
+        assert sorted(os.listdir(d)) == ["distrib_optim.pt", "model_optim_rng.pt"]
+        state = torch.load(os.path.join(d, "model_optim_rng.pt"), weights_only=False)
+        assert {g["step"] for g in state["optimizer"]["optimizer"]["param_groups"]} == {2.0}
+        assert state["opt_param_scheduler"]["num_steps"] == 8 and state["args"].use_distributed_optimizer
+        opt = torch.load(os.path.join(d, "distrib_optim.pt"), weights_only=False)
+        buf = opt[0][(torch.float32, torch.float32)]
+        local = sum(x.numel() for x in state["model"].values() if isinstance(x, torch.Tensor))
+        assert opt["buckets_coalesced"] and buf["param"].shape == (buf["numel_unpadded"],)
+        assert local <= buf["numel_unpadded"] < local + 64 * len(state["model"])  # 64-element aligned starts
 
 
 def test_optimizer_drop_and_weights_only_targets_name_what_they_drop(converted):
     from reshard.formats import torch_dist
 
-    drop, legacy = converted[0]["drop"], converted[0]["legacy"]
+    drop, hf = converted[0]["drop"], converted[0]["hf_target"]
     with open(os.path.join(drop, "latest_checkpointed_iteration.txt")) as f:
         assert f.read() == "release"
     tensors, _ = torch_dist.load_full(os.path.join(drop, "release"))
     assert not any(k.startswith("optimizer.") for k in tensors)
-    for out in (drop, legacy):
+    assert tensors["embedding.word_embeddings.weight"].shape == (256, 64)  # weights only: no padding rows carried
+    for out in (drop, hf):
         nc = read_json(os.path.join(out, "reshard_report.json"))["not_carried"]
         assert nc["optimizer state"]["entries"] > 0 and nc["optimizer state"]["bytes"] > 0, nc
 
 
 def test_optimizer_keep_refuses_a_target_that_cannot_carry_it(trained, tmp_path):
     dst = tmp_path / "hf"
-    p = run_reshard(["model.vocab_size=250", f"source.path={trained['td']}", f"target.path={dst}",
-                     "target.format=hf", "optimizer=keep"], check=False)
+    p = run_reshard([V, f"source.path={trained['torch_dist_dp']}", f"target.path={dst}", "target.format=hf",
+                     "optimizer=keep"], check=False)
     assert p.returncode != 0 and not dst.exists()
     assert "optimizer=keep: target.format=hf does not carry optimizer state" in p.stdout + p.stderr
+
+
+def test_inspect_names_the_optimizer_state_and_its_bytes(trained):
+    import subprocess
+    import sys
+
+    for form, what in (("torch_dist_dp", "dp_reshardable"), ("legacy", "distrib_optim.pt"),
+                       ("torch_dist", "fully_reshardable")):
+        r = subprocess.run([sys.executable, "-m", "reshard.inspect", "--vocab-size", "250", trained[form]],
+                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO)
+        assert r.returncode == 0, r.stdout + r.stderr
+        line = next(x for x in r.stdout.splitlines() if x.startswith("optimizer state:"))
+        assert line.startswith(f"optimizer state: {what}, exp_avg, exp_avg_sq, param: 117 tensor(s)") and \
+            "0.002 GB, 2 param group(s), step 2.0, scheduler state yes; carried to torch_dist" in line, line
+        assert "distrib_optim/0/" in r.stdout if form == "legacy" else "optimizer." in r.stdout
+
+
+def _copy(src: str, dst) -> str:
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_a_missing_distrib_optim_fails_clearly_and_drop_converts(trained, tmp_path):
+    src = _copy(trained["legacy"], tmp_path / "legacy")
+    os.remove(os.path.join(src, "iter_0000002", "mp_rank_01", "distrib_optim.pt"))
+    dst = tmp_path / "out"
+    p = run_reshard([V, f"source.path={src}", f"target.path={dst}", "target.format=torch_dist"], check=False)
+    text = p.stdout + p.stderr
+    assert p.returncode != 0 and not dst.exists(), text
+    assert "optimizer state" in text and "is incomplete" in text and "1 distrib_optim.pt file(s) missing" in text
+    assert "mp_rank_01/distrib_optim.pt" in text
+    run_reshard([V, f"source.path={src}", f"target.path={dst}", "target.format=torch_dist", "optimizer=drop"])
+    nc = read_json(os.path.join(dst, "reshard_report.json"))["not_carried"]
+    assert nc["optimizer state"]["entries"] == 2 and nc["distributed optimizer state"]["entries"] == 1, nc
+
+
+def test_a_truncated_bucket_fails_clearly_and_drop_converts(trained, tmp_path):
+    """A dp_reshardable file cut short inside an optimizer bucket's bytes (its model tensors intact)."""
+    from reshard.formats import torch_dist as td
+
+    src = _copy(trained["torch_dist_dp"], tmp_path / "dp")
+    ckpt = os.path.join(src, "iter_0000002")
+    md, storage = td.read_metadata(ckpt)
+    last = {}  # file -> (end, key) of its last record
+    for (key, _), info in storage.items():
+        end = info.offset + info.length
+        if end > last.get(info.relative_path, (0, ""))[0]:
+            last[info.relative_path] = (end, key)
+    file, (end, key) = next((f, v) for f, v in sorted(last.items()) if ".bucket_idx_" in v[1])
+    model_end = max(i.offset + i.length for (k, _), i in storage.items()
+                    if i.relative_path == file and not k.startswith("optimizer."))
+    assert model_end < end - 64
+    os.truncate(os.path.join(ckpt, file), end - 64)
+    dst = tmp_path / "out"
+    p = run_reshard([V, f"source.path={src}", f"target.path={dst}"], check=False)
+    text = p.stdout + p.stderr
+    assert p.returncode != 0 and not dst.exists(), text
+    assert "is incomplete" in text and f"{file} is truncated" in text, text
+    run_reshard([V, f"source.path={src}", f"target.path={dst}", "optimizer=drop"])
+    assert "optimizer state" in read_json(os.path.join(dst, "reshard_report.json"))["not_carried"]

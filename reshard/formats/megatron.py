@@ -106,7 +106,10 @@ def spec_from_common(common: dict, where: str, vocab_size: Optional[int] = None,
     model's tensor names and shapes (``keys``), which tell a BertModel (``encoder.*``) from a GPTModel."""
     ours = common.get("reshard") if isinstance(common, dict) else None
     if isinstance(ours, dict) and isinstance(ours.get("spec"), dict):
-        return ModelSpec.from_dict(ours["spec"])
+        spec = ModelSpec.from_dict(ours["spec"])
+        # more rows asked for: padding rows read as data (a training checkpoint's, reshard/run.py); the
+        # stored rows bound it (checked against the tensors)
+        return dataclasses.replace(spec, vocab_size=vocab_size) if vocab_size and vocab_size > spec.vocab_size else spec
     args = common.get("args") if isinstance(common, dict) else None
     if args is None:
         raise SourceError(f"{where}: no 'args' in the checkpoint; cannot tell its architecture")
@@ -368,6 +371,40 @@ def model_args_dict(args: Any) -> Dict[str, Any]:
 # ------------------------------------------------------------------- directories
 
 TRACKER = "latest_checkpointed_iteration.txt"
+
+
+# the args of a training run that say where it stands and how it trains: carried with its optimizer state
+# (Megatron-LM reads consumed_*_samples back from the checkpoint's args to resume its data order)
+TRAINING_ARGS = ("consumed_train_samples", "consumed_valid_samples", "skipped_train_samples", "train_iters",
+                 "train_samples", "global_batch_size", "micro_batch_size", "seq_length", "seed", "optimizer", "lr",
+                 "min_lr", "lr_decay_style", "lr_decay_iters", "lr_decay_samples", "lr_warmup_iters",
+                 "lr_warmup_samples", "lr_warmup_fraction", "weight_decay", "start_weight_decay", "end_weight_decay",
+                 "weight_decay_incr_style", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad", "use_distributed_optimizer",
+                 "ddp_bucket_size", "overlap_grad_reduce", "overlap_param_gather", "grad_reduce_in_fp32",
+                 "accumulate_allreduce_grads_in_fp32", "loss_scale", "initial_loss_scale")
+# layout-dependent args a training run's job recomputes: not carried from the source's layout
+DP_ARGS = ("data_parallel_size", "world_size")
+
+
+def carry_training_state(common: dict, optimizer: dict, dp: Optional[int] = None) -> None:
+    """A Megatron training checkpoint resharded with its optimizer state: the source's training args (the
+    samples consumed, the schedule, the optimizer's settings) replace the defaults, its DP-dependent args are
+    left for the resuming job to set, and the learning-rate scheduler's state is carried."""
+    src, args = optimizer.get("args"), common["args"]
+    for name in TRAINING_ARGS:
+        value = _get(src, name)
+        if value is not None:
+            setattr(args, name, value)
+    for name in DP_ARGS:
+        setattr(args, name, None)
+    if dp:  # the resuming job's data-parallel size, when it was given (parallel.target_dp)
+        args.data_parallel_size = dp
+        args.world_size = dp * args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    if optimizer.get("true_vocab"):  # the padding rows were carried as rows: the vocab is still the vocab
+        args.vocab_size = optimizer["true_vocab"]
+        common["reshard"]["spec"]["vocab_size"] = optimizer["true_vocab"]
+    if optimizer.get("scheduler") is not None:
+        common["opt_param_scheduler"] = optimizer["scheduler"]
 
 
 def iteration_dirname(iteration: Optional[int]) -> str:

@@ -12,6 +12,7 @@ inert placeholders), and ranks ``pread`` only the ranges they are assigned.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from argparse import Namespace
@@ -22,12 +23,14 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .. import dist as rdist
+from .. import optim
 from ..errors import SourceError
 from ..layout import Layout
 from ..mapping import MappingTable
 from ..models import table_for
 from ..types import TargetTensor
 from ..spec import ModelSpec
+from . import dist_opt
 from . import megatron as mg
 from .base import TRANSPOSE, RawReader, SourceIndex, SourceSlice, StoredTensor
 from .target import TorchSaveTarget
@@ -103,13 +106,19 @@ def _parse_one(path: str):
         raise SourceError(f"{path} holds a {type(obj).__name__}, not a Megatron checkpoint dict")
     keep = {k: v for k, v in obj.items()
             if k in ("args", "iteration", "checkpoint_version", "reshard") or re.fullmatch(r"model\d*", k)}
-    return _plain(keep), {k: _tensor_bytes(v) for k, v in obj.items() if k not in keep}
+    others = {k: _tensor_bytes(v) for k, v in obj.items() if k not in keep}
+    keep.update({k: obj[k] for k in _CARRIED if k in obj})  # what a kept optimizer state carries
+    return _plain(keep), others
 
 
 # training state in model_optim_rng.pt that no target carries (what Megatron saves beside the model)
 _TRAINING_STATE = {"optimizer": "optimizer state", "opt_param_scheduler": "learning-rate scheduler state",
                    "rng_state": "RNG state", "rerun_state_machine": "rerun state machine",
                    "num_floating_point_operations_so_far": "FLOPs counter"}
+
+
+# training state read when the optimizer state is carried (reshard/formats/dist_opt.py)
+_CARRIED = ("optimizer", "opt_param_scheduler")
 
 
 def _tensor_bytes(x) -> int:
@@ -195,7 +204,65 @@ def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[
     index.guessed = mg.guessed_fields(first, spec)
     index.source_layout = src_layout
     index.not_carried = _not_carried(others, files)
+    emb = keys.get("embedding.word_embeddings.weight") or keys.get("output_layer.weight")
+    index.vocab_rows = emb[0] * src_layout.tp if emb else None
+    if "optimizer" in first:
+        index.optimizer = _optimizer(index, ckpt, root, table, src_layout, parsed, dirs, files)
     return index
+
+
+def _optimizer(index: SourceIndex, ckpt: str, root: str, table: MappingTable, layout: Layout, parsed, dirs, files):
+    """The distributed optimizer's state: the param groups of the rank files' ``optimizer`` entry and the
+    tensors of each ``mp_rank_*/distrib_optim.pt``, decoded into shadow slices; what cannot be decoded is a
+    problem (an error only when the state is to be kept). The non-distributed optimizer's ``optimizer``
+    entry is not decoded in this version (named, and refused with optimizer=keep)."""
+    spec = index.spec
+    first = parsed[sorted(parsed)[0]]
+    args = first.get("args")
+    info = {"kinds": [], "sharding": "distrib_optim.pt", "state": first["optimizer"], "problems": [], "tensors": 0,
+            "scheduler": first.get("opt_param_scheduler"), "args": args}
+    if not mg._get(args, "use_distributed_optimizer", default=False):
+        info["sharding"] = "optimizer entry (non-distributed optimizer)"
+        info["problems"].append(f"{ckpt}: the non-distributed optimizer's 'optimizer' entry is not decoded in this "
+                                "version (the distributed optimizer's distrib_optim.pt is)")
+        return info
+    if layout.ep > 1 or spec.is_moe:
+        info["problems"].append(f"{ckpt}: the distributed optimizer state of a mixture of experts is not decoded "
+                                "in this version")
+        return info
+    paths, missing = {}, []
+    for d in sorted(dirs):
+        t, p, _ = parse_dirname(dirs[d], layout.pp)
+        path = os.path.join(os.path.dirname(files[d]), "distrib_optim.pt")
+        if not os.path.isfile(path):
+            missing.append(path)
+        paths[(t, p)] = path
+    if missing:
+        info["problems"].append(f"{len(missing)} distrib_optim.pt file(s) missing (the distributed optimizer's "
+                                f"tensors; use_distributed_optimizer is set): {', '.join(missing[:4])}")
+        return info
+    keys = sorted(paths)
+    trees = dict(zip(keys, rdist.map_shared(lambda k: _parse_dist_opt(paths[k]), keys)))
+    try:
+        bad = [trees[k] for k in keys if isinstance(trees[k], str)]
+        if bad:
+            raise SourceError(bad[0])
+        found = {k: (os.path.relpath(paths[k], root), trees[k], os.path.getsize(paths[k])) for k in keys}
+        key = next(iter(trees[keys[0]].get(0) or {}), None)
+        info["grad_dtype"] = key[1] if isinstance(key, tuple) and len(key) == 2 else None
+        slices = dist_opt.decode_dp_zero(spec, table, layout, args, found, ckpt)
+    except SourceError as e:
+        info["problems"].append(str(e))
+        return info
+    return dist_opt.attach(index, info, slices, {optim.split(n)[0] for n in slices})
+
+
+def _parse_dist_opt(path: str):
+    """``distrib_optim.pt``'s tree (tensors as references), or the reason it cannot be read."""
+    try:
+        return _plain(parse_file(path))
+    except SourceError as e:
+        return str(e)
 
 
 def _rank_files(ckpt: str) -> Tuple[Dict[str, tuple], Dict[str, str]]:
@@ -368,7 +435,11 @@ def stored(path: str) -> list:
     """Every tensor of the ``model*`` entries of every rank file (``reshard inspect``)."""
     ckpt, _ = mg.checkpoint_dir(path, None, _is_iter_dir)
     files = sorted(os.path.relpath(os.path.join(r, f), path) for r, _, fs in os.walk(ckpt) for f in fs if f == FILE)
-    return stored_tensors(path, files, lambda o: {k: v for k, v in o.items() if k.startswith("model")})
+    out = stored_tensors(path, files, lambda o: {k: v for k, v in o.items() if k.startswith("model")})
+    # the distributed optimizer's flat buffers beside each rank file (master weights and Adam's moments)
+    opt = [os.path.join(os.path.dirname(f), "distrib_optim.pt") for f in files]
+    return out + stored_tensors(path, [f for f in opt if os.path.isfile(os.path.join(path, f))],
+                                lambda o: {"distrib_optim": {k: v for k, v in o.items() if isinstance(k, int)}})
 
 
 # ------------------------------------------------------------------------- writing
@@ -441,9 +512,50 @@ def extra_state_names(spec: ModelSpec, layout: Layout, table: MappingTable, pp: 
     return out
 
 
+DIST_OPT = "distrib_optim.pt"
+
+
+def buffer_dtypes(opt: dict, param_dtype: torch.dtype) -> tuple:
+    """The ``(param dtype, grad dtype)`` key of the target run's buffers (Megatron keys ``distrib_optim.pt`` by
+    it): the weights' dtype, and fp32 gradients where the source reduced them in fp32."""
+    args = opt.get("args")
+    fp32 = bool(mg._get(args, "grad_reduce_in_fp32", "accumulate_allreduce_grads_in_fp32", default=False)) or \
+        opt.get("grad_dtype") == torch.float32
+    return (param_dtype, torch.float32 if fp32 or param_dtype == torch.float32 else param_dtype)
+
+
+def optimizer_targets(ctx, dp: Optional[int]):
+    """The distributed optimizer's state at the target layout: per TP x PP rank one ``distrib_optim.pt`` whose
+    flat fp32 buffers (one per model chunk and kind) hold each parameter's local shard where Megatron-core's
+    layout for the target puts it (reshard/formats/dist_opt.py). Returns the per-parameter target tensors
+    (their bytes are written into the buffers in layout order) and ``{(file, chunk): BufferLayout}``."""
+    from .. import optim
+
+    spec, layout, table, opt = ctx.spec, ctx.layout, ctx.table, ctx.optimizer
+    impl, args = ctx.cfg.target.transformer_impl, opt.get("args")
+    out, buffers = [], {}
+    for pp in range(layout.pp):
+        for v in range(layout.vp):
+            params = dist_opt.chunk_params(spec, layout, table, pp, v, impl)
+            buf = dist_opt.layout_buffer(params, bucket_size=dist_opt.bucket_size(args, dp or 1, pp, v))
+            for t in range(layout.tp):
+                file = f"{rank_dirname(t, pp, layout)}/{DIST_OPT}"
+                buffers[(file, v)] = buf
+                for kind in opt["kinds"]:
+                    for p in params:
+                        pls = [dataclasses.replace(x, canonical=optim.shadow(kind, x.canonical))
+                               for x in mg.local_placements(p.entry, spec, layout, t, p.layer)]
+                        name = f"{v}/{kind}/{p.name}"
+                        out.append(TargetTensor(f"{file}::{name}", p.shape, torch.float32, pls, rule=p.entry.tp_rule,
+                                                file=file, name=name))
+    return out, buffers
+
+
 class Target(TorchSaveTarget):
     """One ``mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt`` per model-parallel rank of the target
-    layout: ``args`` etc. from the common state, then the ``model``/``modelK`` dicts."""
+    layout: ``args`` etc. from the common state, then the ``model``/``modelK`` dicts. A carried
+    optimizer state adds the ``optimizer`` entry (param groups), ``opt_param_scheduler`` and, beside
+    each rank file, the distributed optimizer's ``distrib_optim.pt``."""
 
     name = NAME
     ckpt_format = "torch"
@@ -451,6 +563,7 @@ class Target(TorchSaveTarget):
     def __init__(self, ctx):
         super().__init__(ctx)
         self.subdir = mg.iteration_dirname(ctx.cfg.target.iteration)
+        self.buffers = {}
 
     def check(self) -> None:
         from ..errors import LayoutError
@@ -460,11 +573,103 @@ class Target(TorchSaveTarget):
             raise LayoutError(f"target.format=megatron_legacy: parallel.target_etp={layout.expert_tp} must equal "
                               f"target_tp={layout.tp} (Megatron names legacy files by TP and EP rank only); "
                               "write torch_dist for a separate expert TP")
+        opt = self.ctx.optimizer
+        if opt:
+            try:
+                dist_opt.check_decodable(spec, layout, "target.format=megatron_legacy")
+            except SourceError as e:
+                raise LayoutError(str(e).replace("is not decoded", "is not written")) from None
+            args, dp = opt.get("args"), self.ctx.cfg.parallel.target_dp
+            if dp is None and mg._get(args, "overlap_grad_reduce", default=False) and \
+                    mg._get(args, "ddp_bucket_size") is None:
+                raise LayoutError("the source trained with --overlap-grad-reduce and no --ddp-bucket-size, so the "
+                                  "bucket size of the resuming job (max(4e7, 1e6 x DP)) and the layout of its "
+                                  "distrib_optim.pt depend on its data-parallel size: give parallel.target_dp=<DP>")
 
     def tensors(self):
         c = self.ctx
-        return targets(c.spec, c.layout, c.table, c.dtype_of, c.cfg.target.transformer_impl,
-                       c.cfg.target.moe_grouped_gemm)
+        out = targets(c.spec, c.layout, c.table, c.dtype_of, c.cfg.target.transformer_impl,
+                      c.cfg.target.moe_grouped_gemm)
+        if c.optimizer:
+            opt, self.buffers = optimizer_targets(c, c.cfg.parallel.target_dp)
+            out += opt
+        return out
+
+    def common(self, dtype: torch.dtype) -> dict:
+        common = super().common(dtype)
+        opt = self.ctx.optimizer
+        if opt:
+            mg.carry_training_state(common, opt, self.ctx.cfg.parallel.target_dp)
+            common["args"].use_distributed_optimizer = True  # what distrib_optim.pt is
+            state = {k: v for k, v in (opt["state"] or {}).items() if k != "param_state_sharding_type"}
+            common["optimizer"] = state
+            common["buffer_dtypes"] = buffer_dtypes(opt, dtype)
+        return common
+
+    def write_file(self, job, sink, file, items, emitter) -> int:
+        if not file.endswith(DIST_OPT):
+            return super().write_file(job, sink, file, items, emitter)
+        return self._write_dist_opt(job, sink, file, items, emitter)
+
+    def _write_dist_opt(self, job, sink, file, items, emitter) -> int:
+        """``{"buckets_coalesced": True, chunk: {(param dtype, grad dtype): {kind: flat fp32, "numel_unpadded": n}}}``:
+        each flat buffer streamed parameter by parameter in layout order, zeros in the alignment gaps."""
+        from .files import Payload, crc32, save_streamed, torch_save, write_tensor
+
+        by_name = {t.name: (t, ps) for t, ps in items}
+        kinds = job.optimizer["kinds"]
+        bufs = sorted(v for f, v in self.buffers if f == file)
+
+        def order(v, kind):  # (gap before, tensor, pieces) in file order, then the last gap
+            buf, runs = self.buffers[(file, v)], []
+            for b in range(len(buf.unpadded)):
+                pos = 0
+                for p in sorted(buf.bucket_params(b), key=lambda p: buf.ranges[p.name][1]):
+                    start, end = buf.ranges[p.name][1:]
+                    runs.append((start - pos, *by_name[f"{v}/{kind}/{p.name}"]))
+                    pos = end
+                runs.append((buf.unpadded[b] - pos, None, None))
+            return runs
+
+        def emit(s, v, kind):
+            kernel = 0
+            for gap, t, ps in order(v, kind):
+                if gap:
+                    write_tensor(s, torch.zeros(gap, dtype=torch.float32))
+                if t is not None:
+                    kernel += emitter.emit(s, t, ps)
+            return kernel
+
+        def make(holders):
+            it = iter(holders)
+            obj = {"buckets_coalesced": True}
+            for v in bufs:
+                n = sum(self.buffers[(file, v)].unpadded)
+                entry = {kind: next(it) for kind in kinds}
+                entry["numel_unpadded"] = n
+                obj[v] = {job.common["buffer_dtypes"]: entry}
+            return obj
+
+        keys = [(v, kind) for v in bufs for kind in kinds]
+        if not self.io.crc32:
+            payloads = [Payload(torch.float32, (sum(self.buffers[(file, v)].unpadded),),
+                                4 * sum(self.buffers[(file, v)].unpadded), lambda s, v=v, k=kind: emit(s, v, k))
+                        for v, kind in keys]
+            with crc32(False):
+                got = save_streamed(make, payloads, sink)
+            if got is not None:
+                return got
+        flats = []
+        for v, kind in keys:
+            parts = []
+            for gap, t, ps in order(v, kind):
+                parts.append(torch.zeros(gap, dtype=torch.float32))
+                if t is not None:
+                    parts.append(emitter.build(t, ps).reshape(-1))
+            flats.append(torch.cat(parts))
+        with crc32(self.io.crc32):
+            torch_save(make(flats), sink, sink.name)
+        return 0
 
     def obj(self, job, file: str, tensors: dict) -> dict:
         layout = job.layout
@@ -472,6 +677,9 @@ class Target(TorchSaveTarget):
         pp = parse_dirname(tuple(int(x) if x else None for x in m.groups()), layout.pp)[1]
         common = job.common
         obj = {k: common[k] for k in ("args", "checkpoint_version", "iteration", "reshard")}
+        for k in ("optimizer", "opt_param_scheduler"):
+            if k in common:
+                obj[k] = common[k]
         grouped = bool(common["reshard"]["layout"].get("moe_grouped_gemm"))
         for v, mkey in enumerate(model_keys(layout)):
             model = {}

@@ -27,6 +27,7 @@ import torch
 
 from .. import dist as rdist
 from .. import optim
+from . import dist_opt
 from ..errors import SourceError
 from ..layout import Layout
 from ..mapping import MappingTable
@@ -121,20 +122,25 @@ def _parse_file_chunks(ckpt: str, file: str, wanted: List[tuple]):
         os.close(fd)
 
 
+def read_object(ckpt: str, storage, key: str):
+    """A DCP byte entry (Megatron's ShardedObject: ``<key>/shard_0_1``), parsed without running code."""
+    info = storage[(key, ())]
+    path = os.path.join(ckpt, info.relative_path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise SourceError(f"{path} is named by .metadata but does not exist (incomplete copy?)") from None
+    try:
+        obj = parse_record(fd, info.offset, info.length, f"{path} ({key})")
+    finally:
+        os.close(fd)
+    return obj[0] if isinstance(obj, list) and obj else obj
+
+
 def read_common(ckpt: str, md, storage) -> dict:
     """The common state: the DCP byte entry ``common_state/shard_0_1`` or ``common.pt``."""
     if COMMON_KEY in md.state_dict_metadata:
-        info = storage[(COMMON_KEY, ())]
-        path = os.path.join(ckpt, info.relative_path)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise SourceError(f"{path} is named by .metadata but does not exist (incomplete copy?)") from None
-        try:
-            obj = parse_record(fd, info.offset, info.length, f"{path} ({COMMON_KEY})")
-        finally:
-            os.close(fd)
-        return obj[0] if isinstance(obj, list) and obj else obj
+        return read_object(ckpt, storage, COMMON_KEY)
     if os.path.isfile(os.path.join(ckpt, "common.pt")):
         return parse_file(os.path.join(ckpt, "common.pt"))
     raise SourceError(f"{ckpt}: no common state ({COMMON_KEY} in .metadata, or common.pt): "
@@ -214,10 +220,58 @@ def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[
                 slices[name].append(sl)
                 dtypes[name] = st.dtype
     index = finish_index(NAME, root, ckpt, it, spec, table, common, md, where, slices, dtypes)
+    index.source_layout = mg.layout_of_common(common, spec) if "args" in common or "reshard" in common else None
+    index.vocab_rows = _vocab_rows(md)
     if opt_keys or opt["problems"]:
         index.optimizer = _optimizer_info(opt, opt_keys, common, index)
-    index.source_layout = mg.layout_of_common(common, spec) if "args" in common or "reshard" in common else None
+    elif any(dist_opt.parse_dp_key(k) for k in md.state_dict_metadata):
+        index.optimizer = _dp_reshardable(ckpt, root, md, storage, spec, table, common, index)
     return index
+
+
+def _dp_reshardable(ckpt: str, root: str, md, storage, spec: ModelSpec, table: MappingTable, common: dict,
+                    index: SourceIndex) -> dict:
+    """The bucket-space state of ``dp_reshardable`` (``optimizer.distributed.dp_group_idx_*``), decoded into
+    shadow slices (reshard/formats/dist_opt.py); what cannot be decoded is a problem (an error only when
+    the state is to be kept)."""
+    buckets: Dict[tuple, Dict[str, tuple]] = defaultdict(dict)  # (mp rank, gbuf, bucket) -> kind -> (key, meta)
+    for key, meta in md.state_dict_metadata.items():
+        k = dist_opt.parse_dp_key(key)
+        if k is not None:
+            buckets[(k[0], k[1], k[3])][k[4]] = (key, meta)
+    kinds = sorted({kind for b in buckets.values() for kind in b})
+    dtypes = {k[2] for k in map(dist_opt.parse_dp_key, md.state_dict_metadata) if k}
+    grad = next(iter(dtypes)).strip("()").split(",")[-1].strip() if len(dtypes) == 1 else ""
+    info = {"kinds": kinds, "sharding": "dp_reshardable", "grad_dtype": getattr(torch, grad[6:], None), "state": None, "problems": [], "tensors": 0,
+            "scheduler": common.get("opt_param_scheduler"), "args": common.get("args")}
+    try:
+        slices = dist_opt.decode_buckets(
+            spec, table, index.source_layout, buckets, _impl_of(common), _vocab_rows(md),
+            lambda pairs: _chunk_records(ckpt, [_Key(k, [], [], False, m) for k, m in pairs], storage),
+            lambda key, ch, records: chunk_tensor(ckpt, root, key, ch, records), ckpt)
+    except SourceError as e:
+        info["problems"].append(str(e))
+        return info
+    groups = read_object(ckpt, storage, "optimizer.distributed.dp_group_idx_0.optimizer/shard_0_1") \
+        if ("optimizer.distributed.dp_group_idx_0.optimizer/shard_0_1", ()) in storage else None
+    info["state"] = {"optimizer": groups} if groups is not None else None
+    dist_opt.attach(index, info, slices, kinds)
+    return info
+
+
+def _impl_of(common: dict) -> str:
+    """The run's ``--transformer-impl`` (Megatron-LM's default: transformer_engine): the parameter order
+    differs (Transformer Engine fuses the norms into the next GEMM); torch_dist keys cannot tell, the local
+    spec saves Transformer Engine's names."""
+    return str(mg._get(common.get("args"), "transformer_impl", default="transformer_engine"))
+
+
+def _vocab_rows(md) -> Optional[int]:
+    for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        m = md.state_dict_metadata.get(key)
+        if m is not None:
+            return int(m.size[0])
+    return None
 
 
 def _optimizer_keys(opt: dict, spec: ModelSpec, table: MappingTable) -> List[_Key]:
@@ -243,7 +297,9 @@ def _optimizer_info(opt: dict, opt_keys: List[_Key], common: dict, index: Source
     names = optim.shadows(index.slices)
     for name in names:
         index.shapes[name] = index.shapes[optim.split(name)[1]]
-    return {"kinds": kinds, "sharding": sharding, "state": state, "problems": opt["problems"], "tensors": len(names)}
+    return {"kinds": kinds, "sharding": sharding, "state": state, "problems": opt["problems"], "tensors": len(names),
+            "scheduler": common.get("opt_param_scheduler") if isinstance(common, dict) else None,
+            "args": common.get("args") if isinstance(common, dict) else None}
 
 
 def chunk_tensor(ckpt: str, root: str, key: str, ch, where) -> StoredTensor:
@@ -607,8 +663,9 @@ class Target(_Target):
         common = super().common(dtype)
         opt = self.ctx.optimizer
         if opt:  # the optimizer's non-tensor state (param groups with their step) and its sharding type
-            common["optimizer"] = opt["state"]
+            common["optimizer"] = dict(opt["state"] or {}, param_state_sharding_type="fully_reshardable")
             common["content_metadata"] = {"distrib_optim_sharding_type": "fully_reshardable"}
+            mg.carry_training_state(common, opt, self.ctx.cfg.parallel.target_dp)
         return common
 
     def writers(self, tensors, world):

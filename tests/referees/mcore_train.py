@@ -3,18 +3,18 @@ referee of optimizer-state resharding (FORMATS.md §8).
 
     make   SPEC_JSON OUT TP     a random GPTModel (local spec) at TP, data parallel over the other ranks,
                                 wrapped in Megatron-core's DistributedDataParallel and DistributedOptimizer
-                                (Adam), trained 2 steps on a fixed global batch; saved with
-                                ``dist_checkpointing.save`` as ``fully_reshardable`` (OUT/torch_dist,
-                                iteration 2, args and iteration in the common state); then one more step,
-                                whose loss goes to OUT/step3.json
-    check  SPEC_JSON OUT CKPT TP
-                                the same model and optimizer at TP (data parallel over the rest): CKPT
-                                loaded with Megatron's own loading code (model and optimizer), OUT/torch_dist
+                                (Adam) with its OptimizerParamScheduler, trained 2 steps on a fixed global
+                                batch; saved at iteration 2 three ways (see :func:`make`); then one more
+                                step, whose loss goes to OUT/losses.json and whose weights to OUT/step3
+    check  SPEC_JSON OUT CKPT:TP[:MULTIPLE] ...
+                                per job, in one process group: the same model and optimizer at TP (data
+                                parallel over the rest, vocab padded to MULTIPLE*TP); CKPT loaded with
+                                Megatron's own loading code (model, optimizer, scheduler), OUT/torch_dist
                                 loaded the same way into a second copy (Megatron reshards its own save);
                                 every optimizer tensor (master weight, exp_avg, exp_avg_sq) and the step
-                                compared (vocab padding rows excluded), then one more step on each, whose
-                                losses are printed beside the source's third step (they differ where the
-                                padding rows do: Megatron's softmax runs over the padded vocab)
+                                compared (vocab padding rows excluded); then one more step on each: the
+                                losses beside the source's third step, the updated weights against the
+                                second copy's and against the source's own third step (OUT/step3)
 
 Megatron-core 0.19.2 assumes CUDA in its DDP and optimizer; :func:`cpu_patches` maps what it needs
 onto the CPU (tensor type names, streams, ``device='cuda'``).
@@ -38,6 +38,7 @@ from tests.referees.mcore_ckpt import megatron_args, padded_vocab  # noqa: E402
 
 GLOBAL_BATCH, SEQ = 4, 12
 SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+DP_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def cpu_patches():
@@ -93,12 +94,15 @@ def fix_step_on_load():
     DistributedOptimizer._set_main_param_and_optimizer_states = keep_step
 
 
-def build(spec, tp):
+def build(spec, tp, multiple=128):
+    """Model, DDP and optimizer at TP (data parallel over the other ranks); the vocab padded to a multiple
+    of ``multiple * tp`` (Megatron's --make-vocab-size-divisible-by)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     torch.manual_seed(1234)
-    model = mcore.build_gpt(spec, tp, 1, padded_vocab(spec, tp))
+    m = multiple * tp
+    model = mcore.build_gpt(spec, tp, 1, -(-spec["vocab_size"] // m) * m)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
@@ -107,6 +111,16 @@ def build(spec, tp):
                                                      use_distributed_optimizer=True, bf16=False, fp16=False,
                                                      params_dtype=torch.float32), [ddp])
     return model, ddp, opt
+
+
+def scheduler(opt):
+    """Megatron-core's learning-rate / weight-decay scheduler, constant (the losses do not depend on it); its
+    state (the samples it has seen) is what a resumed run continues from."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(opt, init_lr=1e-2, max_lr=1e-2, min_lr=0.0, lr_warmup_steps=0, lr_decay_steps=100,
+                                   lr_decay_style="constant", start_wd=0.01, end_wd=0.01, wd_incr_steps=100,
+                                   wd_incr_style="constant")
 
 
 def step(model, ddp, opt, spec, k):
@@ -138,24 +152,55 @@ def sharded(model, opt, loading=False):
 
 
 def make(spec, out, tp):
+    """Train 2 steps, then save the same state three ways: torch_dist ``fully_reshardable`` (OUT/torch_dist),
+    torch_dist ``dp_reshardable`` (OUT/torch_dist_dp, Megatron-LM's default) and legacy (OUT/legacy: each
+    model-parallel rank's ``model_optim_rng.pt`` with the optimizer's ``state_dict()``, and its
+    ``distrib_optim.pt`` from ``save_parameter_state``, as Megatron-LM's ``save_checkpoint`` writes them)."""
     from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
 
     model, ddp, opt = build(spec, tp)
-    losses = [step(model, ddp, opt, spec, k) for k in range(2)]
-    state = sharded(model, opt)
-    state.update(args=megatron_args(spec, tp, 1, 0, padded_vocab(spec, tp)), iteration=2, checkpoint_version=3.0)
-    state["args"].iteration = 2
-    d = os.path.join(out, "torch_dist", "iter_0000002")
+    sched = scheduler(opt)
+    losses = []
+    for k in range(2):
+        losses.append(step(model, ddp, opt, spec, k))
+        sched.step(increment=GLOBAL_BATCH)
+    dp = dist.get_world_size() // tp
+    args = megatron_args(spec, tp, 1, 0, padded_vocab(spec, tp))
+    args.iteration, args.use_distributed_optimizer, args.data_parallel_size = 2, True, dp
+    args.world_size, args.overlap_grad_reduce, args.ddp_bucket_size = dist.get_world_size(), False, None
+    args.consumed_train_samples, args.global_batch_size = 2 * GLOBAL_BATCH, GLOBAL_BATCH
+    for name, sharding in (("torch_dist", SHARDING), ("torch_dist_dp", DP_SHARDING)):
+        state = {"model": model.sharded_state_dict()}
+        state["optimizer"] = opt.sharded_state_dict(state["model"], metadata=sharding)
+        state.update(args=args, iteration=2, checkpoint_version=3.0, opt_param_scheduler=sched.state_dict())
+        d = os.path.join(out, name, "iter_0000002")
+        os.makedirs(d, exist_ok=True)
+        dist_checkpointing.save(state, d, content_metadata=sharding)
+    t = ps.get_tensor_model_parallel_rank()
+    d = os.path.join(out, "legacy", "iter_0000002", f"mp_rank_{t:02d}")
     os.makedirs(d, exist_ok=True)
-    dist_checkpointing.save(state, d, content_metadata=SHARDING)
+    legacy = {"args": args, "checkpoint_version": 3.0, "iteration": 2, "model": model.state_dict(),
+              "optimizer": opt.state_dict(), "opt_param_scheduler": sched.state_dict(),
+              "rng_state": [{"torch_rng_state": torch.get_rng_state()}]}
+    if ps.get_data_parallel_rank() == 0:
+        torch.save(legacy, os.path.join(d, "model_optim_rng.pt"))
+    opt.save_parameter_state(os.path.join(d, "distrib_optim.pt"))  # gathers the DP shards on DP rank 0
     losses.append(step(model, ddp, opt, spec, 2))
+    # the weights after that third step, the reference for the step taken after a conversion
+    d = os.path.join(out, "step3", "iter_0000003")
+    os.makedirs(d, exist_ok=True)
+    dist_checkpointing.save({"model": model.sharded_state_dict(), "args": args, "iteration": 3}, d)
     if dist.get_rank() == 0:
-        with open(os.path.join(out, "torch_dist", "latest_checkpointed_iteration.txt"), "w") as f:
-            f.write("2")
+        with open(os.path.join(out, "step3", "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write("3")
+        for name in ("torch_dist", "torch_dist_dp", "legacy"):
+            with open(os.path.join(out, name, "latest_checkpointed_iteration.txt"), "w") as f:
+                f.write("2")
         with open(os.path.join(out, "losses.json"), "w") as f:
-            json.dump({"losses": losses, "tp": tp, "dp": dist.get_world_size() // tp}, f)
+            json.dump({"losses": losses, "tp": tp, "dp": dp}, f)
     dist.barrier()
-    mcore.say(f"made tp {tp} dp {dist.get_world_size() // tp}: losses {losses}")
+    mcore.say(f"made tp {tp} dp {dp}: losses {losses}")
 
 
 def load(model, opt, ckpt):
@@ -176,6 +221,35 @@ def load(model, opt, ckpt):
     model.load_state_dict(state["model"], strict=True)
     with torch.no_grad():
         opt.load_state_dict(state["optimizer"])
+    # megatron-core 0.19.2 with torch's Adam gives every parameter one shared step tensor on load, so the
+    # k-th parameter would step as 3 + k (FORMATS.md §8): each gets its own, as an unbroken run has
+    for st in inner.state.values():
+        if "step" in st:
+            st["step"] = st["step"].clone()
+
+
+def load_legacy(model, opt, ckpt):
+    """Megatron-LM's legacy load, by Megatron-core's own methods: this rank's ``model_optim_rng.pt`` (the model,
+    strict, and the optimizer's ``state_dict``), then ``load_parameter_state`` of its ``distrib_optim.pt``
+    (read on DP rank 0, scattered over the DP group). Returns the rank file's object."""
+    from megatron.core import parallel_state as ps
+
+    d = os.path.join(ckpt, f"mp_rank_{ps.get_tensor_model_parallel_rank():02d}")
+    state = torch.load(os.path.join(d, "model_optim_rng.pt"), weights_only=False)
+    model.load_state_dict(state["model"], strict=True)
+    inner = opt.optimizer
+    for group in inner.param_groups:  # torch's Adam state as a run that took steps has it (FORMATS.md §8)
+        for p in group["params"]:
+            if not inner.state[p]:
+                inner.state[p].update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p),
+                                      step=torch.tensor(0.0))
+    with torch.no_grad():
+        opt.load_state_dict(state["optimizer"])
+        opt.load_parameter_state(os.path.join(d, "distrib_optim.pt"))
+    for st in inner.state.values():
+        if "step" in st:
+            st["step"] = st["step"].clone()
+    return state
 
 
 def optimizer_tensors(model, opt, spec):
@@ -212,12 +286,18 @@ def iter_dir(ckpt):
     return d(ckpt)
 
 
-def check(spec, out, ckpt, tp):
+def check(spec, out, ckpt, tp, multiple=128, job=0):
+    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
-    got = build(spec, tp)
-    load(got[0], got[2], iter_dir(ckpt))
-    want = build(spec, tp)
+    got = build(spec, tp, multiple)
+    legacy = any(x.startswith("mp_rank_") for x in os.listdir(iter_dir(ckpt)))
+    if legacy:
+        common = load_legacy(got[0], got[2], iter_dir(ckpt))
+    else:
+        load(got[0], got[2], iter_dir(ckpt))
+        common = dist_checkpointing.load_common_state_dict(iter_dir(ckpt))
+    want = build(spec, tp, multiple)
     load(want[0], want[2], iter_dir(os.path.join(out, "torch_dist")))
     n = 0
     for (name, xs, s), (name2, ys, s2) in zip(optimizer_tensors(got[0], got[2], spec),
@@ -230,12 +310,35 @@ def check(spec, out, ckpt, tp):
         assert float(s) == float(s2) == 2.0, (s, s2)
     assert n > 0
     t, d = ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()
-    mcore.say(f"OK rank {dist.get_rank()} tp {t} dp {d}: {n} optimizer tensors equal, step 2")
+    mcore.say(f"OK job {job} rank {dist.get_rank()} tp {t} dp {d}: {n} optimizer tensors equal, step 2")
+    # the training state beside the tensors, loaded by Megatron's own code: scheduler, iteration, consumed samples
+    sched = scheduler(got[2])
+    sched.load_state_dict(common["opt_param_scheduler"])
+    mcore.say(f"STATE job {job} rank {dist.get_rank()}: {'legacy' if legacy else 'torch_dist'}, iteration {common['iteration']}, scheduler num_steps {sched.num_steps}, "
+              f"consumed_train_samples {getattr(common['args'], 'consumed_train_samples', None)}")
     ours, megatron = step(*got, spec, 2), step(*want, spec, 2)
     with open(os.path.join(out, "losses.json")) as f:
         src = json.load(f)
-    mcore.say(f"STEP rank {dist.get_rank()} tp {t} dp {d}: loss {ours:.7f} (Megatron's own resharding "
+    mcore.say(f"STEP job {job} rank {dist.get_rank()} tp {t} dp {d}: loss {ours:.7f} (Megatron's own resharding "
               f"{megatron:.7f}; the source at tp {src['tp']} dp {src['dp']}: {src['losses'][2]:.7f})")
+    # the weights that step gave: against Megatron's own resharding (the same step on the same state: equal) and
+    # against the source's own third step, resharded by Megatron (other TP/DP: float sums in another order)
+    m = multiple * tp
+    ref = mcore.build_gpt(spec, tp, 1, -(-spec["vocab_size"] // m) * m)
+    state = dist_checkpointing.load({"model": ref.sharded_state_dict()}, iter_dir(os.path.join(out, "step3")))
+    ref.load_state_dict(state["model"], strict=True)
+    same, worst, k = 0, 0.0, 0
+    ps_ref = dict(ref.named_parameters())
+    for (name, a), (_, b) in zip(got[0].named_parameters(), want[0].named_parameters()):
+        a, b, c = a.detach(), b.detach(), ps_ref[name].detach()
+        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            real = max(0, min(a.shape[0], spec["vocab_size"] - t * a.shape[0]))
+            a, b, c = a[:real], b[:real], c[:real]
+        same += int(torch.equal(a, b))
+        worst = max(worst, (a - c).abs().max().item() if a.numel() else 0.0)
+        k += 1
+    mcore.say(f"WEIGHTS job {job} rank {dist.get_rank()} tp {t} dp {d}: {same} of {k} updated weights equal to Megatron's own "
+              f"resharding's; max |d| vs the source's step 3 {worst:.2e}")
 
 
 def main():
@@ -247,7 +350,10 @@ def main():
     if mode == "make":
         make(spec, sys.argv[3], int(sys.argv[4]))
     else:
-        check(spec, sys.argv[3], sys.argv[4], int(sys.argv[5]))
+        for k, job in enumerate(sys.argv[4:]):  # one process group for every job
+            ckpt, tp, multiple = (job.split(":") + ["128"])[:3]
+            check(spec, sys.argv[3], ckpt, int(tp), int(multiple), job=k)
+            dist.barrier()
     dist.barrier()
     # Megatron-core's DDP and optimizer keep references to the gloo groups in module state that
     # destroy_model_parallel does not clear; its result is written, so leave without the interpreter's
