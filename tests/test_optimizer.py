@@ -4,7 +4,7 @@ Megatron-core itself as torch_dist ``fully_reshardable``, torch_dist ``dp_reshar
 loading code and compared with Megatron's own resharding of the same save; then one more training step.
 
 The source is made by Megatron-core on CPU (``tests/referees/mcore_train.py make``): a tiny Llama-3 GPT at
-TP=2 DP=2 (4 ranks), DistributedDataParallel + DistributedOptimizer (Adam) + OptimizerParamScheduler,
+TP=2 PP=2 DP=2 (8 ranks, Megatron's 1F1B schedule between the stages), DistributedDataParallel + DistributedOptimizer (Adam) + OptimizerParamScheduler,
 2 steps, then saved; a third step's loss and weights are the reference for the step after a conversion.
 """
 
@@ -20,14 +20,15 @@ from conftest import REPO, read_json, run_jobs, run_reshard, run_torchrun
 TRAIN = os.path.join(REPO, "tests", "referees", "mcore_train.py")
 V = "model.vocab_size=250"
 
-# name -> (source form, target format, target TP, --make-vocab-size-divisible-by of the target): 64 at TP=4
-# keeps the source's padded vocab (256), so that the step after loading can equal the source's own third step
-JOBS = {"tp4": ("torch_dist", "torch_dist", 4, 128), "tp1": ("torch_dist", "torch_dist", 1, 128),
-        "dp_tp4": ("torch_dist_dp", "torch_dist", 4, 64), "dp_tp1": ("torch_dist_dp", "torch_dist", 1, 128),
-        "leg_tp4": ("legacy", "torch_dist", 4, 64),
-        # into legacy files: model_optim_rng.pt (optimizer entry, scheduler) + distrib_optim.pt per TP rank
-        "dp_leg4": ("torch_dist_dp", "megatron_legacy", 4, 64), "leg_leg1": ("legacy", "megatron_legacy", 1, 128)}
-SAME_VOCAB = ("dp_tp4", "dp_tp1", "leg_tp4", "dp_leg4", "leg_leg1")
+# name -> (source form, target format, target TP, --make-vocab-size-divisible-by of the target, target PP): 64 at
+# TP=4 keeps the source's padded vocab (256), so that the step after loading can equal the source's own third step
+JOBS = {"tp4": ("torch_dist", "torch_dist", 4, 128, 1), "tp1": ("torch_dist", "torch_dist", 1, 128, 1),
+        "dp_tp4": ("torch_dist_dp", "torch_dist", 4, 64, 1), "dp_pp4": ("torch_dist_dp", "torch_dist", 1, 128, 4),
+        "dp_tp1": ("torch_dist_dp", "torch_dist", 1, 128, 1), "leg_tp4": ("legacy", "torch_dist", 4, 64, 1),
+        # into legacy files: model_optim_rng.pt (optimizer entry, scheduler) + distrib_optim.pt per TP x PP rank
+        "dp_leg4": ("torch_dist_dp", "megatron_legacy", 4, 64, 1),
+        "leg_leg_pp4": ("legacy", "megatron_legacy", 1, 128, 4)}
+SAME_VOCAB = [k for k, (_, _, tp, m, _) in JOBS.items() if m * tp == 256 or tp == 1]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def trained(tmp_path_factory):
     spec = str(root / "spec.json")
     with open(spec, "w") as f:
         json.dump(dict(load_preset("tiny_llama3").to_dict(), vocab_size=250), f)
-    run_torchrun(4, [TRAIN, "make", spec, str(root / "src"), "2"], timeout=600)
+    run_torchrun(8, [TRAIN, "make", spec, str(root / "src"), "2", "2"], timeout=900)
     src = str(root / "src")
     return {"root": root, "spec": spec, "src": src, **{k: os.path.join(src, k) for k in
                                                        ("torch_dist", "torch_dist_dp", "legacy")}}
@@ -49,14 +50,14 @@ def converted(trained):
     root = trained["root"]
     out = {k: str(root / k) for k in list(JOBS) + ["drop", "hf_target"]}
     jobs = [[V, f"source.path={trained[form]}", f"target.path={out[name]}", f"target.format={fmt}",
-             "target.transformer_impl=local", f"parallel.target_tp={tp}", f"parallel.make_vocab_size_divisible_by={m}"]
-            for name, (form, fmt, tp, m) in JOBS.items()]
+             "target.transformer_impl=local", f"parallel.target_tp={tp}", f"parallel.target_pp={pp}",
+             f"parallel.make_vocab_size_divisible_by={m}"] for name, (form, fmt, tp, m, pp) in JOBS.items()]
     jobs += [[V, f"source.path={trained['torch_dist']}", f"target.path={out['drop']}", "parallel.target_tp=1",
               "optimizer=drop"],
              [V, f"source.path={trained['torch_dist']}", f"target.path={out['hf_target']}", "target.format=hf"]]
     run_jobs(3, jobs, root, "opt_jobs")  # 3 ranks: neither the source's 4 nor the targets' 1 or 4
     p = run_torchrun(4, [TRAIN, "check", trained["spec"], trained["src"]]
-                     + [f"{out[name]}:{tp}:{m}" for name, (_, _, tp, m) in JOBS.items()], timeout=900)
+                     + [f"{out[name]}:{tp}:{m}:{pp}" for name, (_, _, tp, m, pp) in JOBS.items()], timeout=900)
     lines = {name: sorted({x for x in p.stdout.splitlines() if re.match(rf"\w+ job {k} ", x)})
              for k, name in enumerate(JOBS)}
     return out, lines
@@ -70,12 +71,16 @@ def _of(lines, what):
 def test_megatron_loads_every_optimizer_tensor_equal_to_its_own_resharding(converted, name):
     lines = converted[1][name]
     oks = _of(lines, "OK")
-    assert len(oks) == 4, lines  # every rank: TP=4 DP=1, or TP=1 DP=4
+    assert len(oks) == 4, lines  # every rank: TP=4, PP=4 or DP=4
     assert all("optimizer tensors equal, step 2" in x for x in oks)
-    if JOBS[name][2] == 4:  # DP=1: each rank holds the whole state of its 27 parameters (master weight + 2 moments)
-        assert all(" 81 optimizer tensors equal" in x for x in oks), oks
+    counts = [int(re.search(r": (\d+) optimizer", x).group(1)) for x in oks]
+    tp, pp = JOBS[name][2], JOBS[name][4]
+    if tp == 4:  # DP=1: each rank holds the whole state of its 27 parameters (master weight + 2 moments)
+        assert counts == [81] * 4, oks
+    elif pp == 4:  # DP=1: the stages' 7 + 6 + 6 + 8 parameters, 3 tensors each
+        assert counts == [21, 18, 18, 24], oks
     else:  # DP=4: the 27 parameters' state split over 4 ranks, each holds a part of it
-        assert sum(int(re.search(r": (\d+) optimizer", x).group(1)) for x in oks) >= 81
+        assert sum(counts) >= 81, oks
     # Megatron's own scheduler loads the carried scheduler state; the iteration and the samples seen are kept
     states = _of(lines, "STATE")
     form = "legacy" if JOBS[name][1] == "megatron_legacy" else "torch_dist"  # how Megatron loaded it
@@ -92,12 +97,13 @@ def test_the_next_step_is_the_step_the_source_took(converted, name):
     assert len(steps) == 4, lines
     for x in steps:
         ours, megatron, source = re.search(r"loss ([\d.]+) \(Megatron's own resharding ([\d.]+); the source at "
-                                           r"tp 2 dp 2: ([\d.]+)\)", x).groups()
+                                           r"tp 2 pp 2 dp 2: ([\d.]+)\)", x).groups()
         # ours is Megatron's own resharding's to the bit; the source's up to the order of float sums (other TP/DP)
         assert ours == megatron and abs(float(ours) - float(source)) < 1e-5, x
     for x in _of(lines, "WEIGHTS"):
         m = re.search(r"(\d+) of (\d+) updated weights equal .* max \|d\| vs the source's step 3 ([\d.e+-]+)", x)
-        assert m and m.group(1) == m.group(2) == "27" and float(m.group(3)) < 1e-5, x
+        assert m and m.group(1) == m.group(2) and int(m.group(1)) >= 6 and float(m.group(3)) < 1e-5, x
+    assert sum(int(re.search(r"(\d+) of", x).group(1)) for x in _of(lines, "WEIGHTS")) >= 27
 
 
 def test_training_output_keeps_its_iteration_scheduler_and_args(converted, trained):
@@ -195,16 +201,16 @@ def _copy(src: str, dst) -> str:
 
 def test_a_missing_distrib_optim_fails_clearly_and_drop_converts(trained, tmp_path):
     src = _copy(trained["legacy"], tmp_path / "legacy")
-    os.remove(os.path.join(src, "iter_0000002", "mp_rank_01", "distrib_optim.pt"))
+    os.remove(os.path.join(src, "iter_0000002", "mp_rank_01_001", "distrib_optim.pt"))
     dst = tmp_path / "out"
     p = run_reshard([V, f"source.path={src}", f"target.path={dst}", "target.format=torch_dist"], check=False)
     text = p.stdout + p.stderr
     assert p.returncode != 0 and not dst.exists(), text
     assert "optimizer state" in text and "is incomplete" in text and "1 distrib_optim.pt file(s) missing" in text
-    assert "mp_rank_01/distrib_optim.pt" in text
+    assert "mp_rank_01_001/distrib_optim.pt" in text
     run_reshard([V, f"source.path={src}", f"target.path={dst}", "target.format=torch_dist", "optimizer=drop"])
     nc = read_json(os.path.join(dst, "reshard_report.json"))["not_carried"]
-    assert nc["optimizer state"]["entries"] == 2 and nc["distributed optimizer state"]["entries"] == 1, nc
+    assert nc["optimizer state"]["entries"] == 4 and nc["distributed optimizer state"]["entries"] == 3, nc
 
 
 def test_a_truncated_bucket_fails_clearly_and_drop_converts(trained, tmp_path):

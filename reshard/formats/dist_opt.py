@@ -145,7 +145,7 @@ def chunk_params(spec: ModelSpec, layout: Layout, table: MappingTable, pp: int, 
                  vocab_rows: Optional[int] = None) -> List[Param]:
     """The parameters of model chunk ``v`` of pipeline stage ``pp`` (any TP rank: they have the same
     shapes), in ``named_parameters()`` order, with the ``shared_embedding`` flags Megatron sets
-    (``LanguageModule.setup_embeddings_and_output_layer``). ``vocab_rows``: the padded vocab as stored."""
+    (``LanguageModule.setup_embeddings_and_output_layer``: tied embeddings only). ``vocab_rows``: the padded vocab as stored."""
     from . import megatron as mg
     from .megatron_legacy import rank_items
 
@@ -154,8 +154,10 @@ def chunk_params(spec: ModelSpec, layout: Layout, table: MappingTable, pp: int, 
     last = pp == layout.pp - 1 and v == layout.vp - 1
     out = []
     for e, i, name in items:
-        shared = layout.pp > 1 and ((first and not last and name == "embedding.word_embeddings.weight") or
-                                    (last and not first and spec.tie_word_embeddings and name == "output_layer.weight"))
+        # only a tied embedding (Megatron returns early otherwise; MTP, which also sets it, is not converted)
+        shared = layout.pp > 1 and spec.tie_word_embeddings and (
+            (first and not last and name == "embedding.word_embeddings.weight") or
+            (last and not first and name == "output_layer.weight"))
         shape = mg.local_shape(e, spec, layout)
         if e.tp_rule == "vocab":
             shape = ((vocab_rows or layout.padded_vocab(spec.vocab_size)) // layout.tp,) + shape[1:]

@@ -1,12 +1,13 @@
 """torchrun script: Megatron-core trains a tiny GPT with its distributed optimizer on CPU (gloo) and is the
 referee of optimizer-state resharding (FORMATS.md §8).
 
-    make   SPEC_JSON OUT TP     a random GPTModel (local spec) at TP, data parallel over the other ranks,
+    make   SPEC_JSON OUT TP [PP]
+                                a random GPTModel (local spec) at TP, data parallel over the other ranks,
                                 wrapped in Megatron-core's DistributedDataParallel and DistributedOptimizer
                                 (Adam) with its OptimizerParamScheduler, trained 2 steps on a fixed global
                                 batch; saved at iteration 2 three ways (see :func:`make`); then one more
                                 step, whose loss goes to OUT/losses.json and whose weights to OUT/step3
-    check  SPEC_JSON OUT CKPT:TP[:MULTIPLE] ...
+    check  SPEC_JSON OUT CKPT:TP[:MULTIPLE[:PP]] ...
                                 per job, in one process group: the same model and optimizer at TP (data
                                 parallel over the rest, vocab padded to MULTIPLE*TP); CKPT loaded with
                                 Megatron's own loading code (model, optimizer, scheduler), OUT/torch_dist
@@ -94,7 +95,7 @@ def fix_step_on_load():
     DistributedOptimizer._set_main_param_and_optimizer_states = keep_step
 
 
-def build(spec, tp, multiple=128):
+def build(spec, tp, multiple=128, pp=1):
     """Model, DDP and optimizer at TP (data parallel over the other ranks); the vocab padded to a multiple
     of ``multiple * tp`` (Megatron's --make-vocab-size-divisible-by)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -102,7 +103,7 @@ def build(spec, tp, multiple=128):
 
     torch.manual_seed(1234)
     m = multiple * tp
-    model = mcore.build_gpt(spec, tp, 1, -(-spec["vocab_size"] // m) * m)
+    model = mcore.build_gpt(spec, tp, pp, -(-spec["vocab_size"] // m) * m)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
@@ -132,10 +133,25 @@ def step(model, ddp, opt, spec, k):
     dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     n = GLOBAL_BATCH // dp
     x, y = tokens[r * n:(r + 1) * n, :-1], tokens[r * n:(r + 1) * n, 1:]
+    pos = torch.arange(SEQ).unsqueeze(0).expand(n, -1)
     ddp.zero_grad_buffer()
     opt.zero_grad()
-    loss = model(x, torch.arange(SEQ).unsqueeze(0).expand(n, -1), None, labels=y).float().mean()
-    loss.backward()
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        loss = model(x, pos, None, labels=y).float().mean()
+        loss.backward()
+    else:  # Megatron's own 1F1B schedule: activations and gradients sent between the stages (gloo p2p)
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data, m):
+            a, b = next(data)
+            return m(a, pos, None, labels=b), lambda out: (out.float().mean(), {"loss": out.float().mean().detach()})
+
+        out = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([(x, y)]), model=[ddp],
+                                          num_microbatches=1, seq_length=SEQ, micro_batch_size=n, forward_only=False)
+        loss = out[0]["loss"] if out else torch.zeros(())
+        last = ps.get_pipeline_model_parallel_last_rank()  # the loss lives on the last stage
+        loss = loss.detach().clone().reshape(())
+        dist.broadcast(loss, last, group=ps.get_pipeline_model_parallel_group())
     ddp.finish_grad_sync()
     ok, _, _ = opt.step()
     assert ok
@@ -151,7 +167,7 @@ def sharded(model, opt, loading=False):
     return state
 
 
-def make(spec, out, tp):
+def make(spec, out, tp, pp=1):
     """Train 2 steps, then save the same state three ways: torch_dist ``fully_reshardable`` (OUT/torch_dist),
     torch_dist ``dp_reshardable`` (OUT/torch_dist_dp, Megatron-LM's default) and legacy (OUT/legacy: each
     model-parallel rank's ``model_optim_rng.pt`` with the optimizer's ``state_dict()``, and its
@@ -159,14 +175,14 @@ def make(spec, out, tp):
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
-    model, ddp, opt = build(spec, tp)
+    model, ddp, opt = build(spec, tp, pp=pp)
     sched = scheduler(opt)
     losses = []
     for k in range(2):
         losses.append(step(model, ddp, opt, spec, k))
         sched.step(increment=GLOBAL_BATCH)
-    dp = dist.get_world_size() // tp
-    args = megatron_args(spec, tp, 1, 0, padded_vocab(spec, tp))
+    dp = dist.get_world_size() // (tp * pp)
+    args = megatron_args(spec, tp, pp, 0, padded_vocab(spec, tp))
     args.iteration, args.use_distributed_optimizer, args.data_parallel_size = 2, True, dp
     args.world_size, args.overlap_grad_reduce, args.ddp_bucket_size = dist.get_world_size(), False, None
     args.consumed_train_samples, args.global_batch_size = 2 * GLOBAL_BATCH, GLOBAL_BATCH
@@ -177,8 +193,8 @@ def make(spec, out, tp):
         d = os.path.join(out, name, "iter_0000002")
         os.makedirs(d, exist_ok=True)
         dist_checkpointing.save(state, d, content_metadata=sharding)
-    t = ps.get_tensor_model_parallel_rank()
-    d = os.path.join(out, "legacy", "iter_0000002", f"mp_rank_{t:02d}")
+    t, p = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    d = os.path.join(out, "legacy", "iter_0000002", f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else ""))
     os.makedirs(d, exist_ok=True)
     legacy = {"args": args, "checkpoint_version": 3.0, "iteration": 2, "model": model.state_dict(),
               "optimizer": opt.state_dict(), "opt_param_scheduler": sched.state_dict(),
@@ -198,9 +214,9 @@ def make(spec, out, tp):
             with open(os.path.join(out, name, "latest_checkpointed_iteration.txt"), "w") as f:
                 f.write("2")
         with open(os.path.join(out, "losses.json"), "w") as f:
-            json.dump({"losses": losses, "tp": tp, "dp": dp}, f)
+            json.dump({"losses": losses, "tp": tp, "pp": pp, "dp": dp}, f)
     dist.barrier()
-    mcore.say(f"made tp {tp} dp {dp}: losses {losses}")
+    mcore.say(f"made tp {tp} pp {pp} dp {dp}: losses {losses}")
 
 
 def load(model, opt, ckpt):
@@ -234,7 +250,9 @@ def load_legacy(model, opt, ckpt):
     (read on DP rank 0, scattered over the DP group). Returns the rank file's object."""
     from megatron.core import parallel_state as ps
 
-    d = os.path.join(ckpt, f"mp_rank_{ps.get_tensor_model_parallel_rank():02d}")
+    pp = ps.get_pipeline_model_parallel_world_size()
+    d = os.path.join(ckpt, f"mp_rank_{ps.get_tensor_model_parallel_rank():02d}"
+                     + (f"_{ps.get_pipeline_model_parallel_rank():03d}" if pp > 1 else ""))
     state = torch.load(os.path.join(d, "model_optim_rng.pt"), weights_only=False)
     model.load_state_dict(state["model"], strict=True)
     inner = opt.optimizer
@@ -286,18 +304,18 @@ def iter_dir(ckpt):
     return d(ckpt)
 
 
-def check(spec, out, ckpt, tp, multiple=128, job=0):
+def check(spec, out, ckpt, tp, multiple=128, pp=1, job=0):
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
-    got = build(spec, tp, multiple)
+    got = build(spec, tp, multiple, pp)
     legacy = any(x.startswith("mp_rank_") for x in os.listdir(iter_dir(ckpt)))
     if legacy:
         common = load_legacy(got[0], got[2], iter_dir(ckpt))
     else:
         load(got[0], got[2], iter_dir(ckpt))
         common = dist_checkpointing.load_common_state_dict(iter_dir(ckpt))
-    want = build(spec, tp, multiple)
+    want = build(spec, tp, multiple, pp)
     load(want[0], want[2], iter_dir(os.path.join(out, "torch_dist")))
     n = 0
     for (name, xs, s), (name2, ys, s2) in zip(optimizer_tensors(got[0], got[2], spec),
@@ -309,8 +327,8 @@ def check(spec, out, ckpt, tp, multiple=128, job=0):
             n += 1
         assert float(s) == float(s2) == 2.0, (s, s2)
     assert n > 0
-    t, d = ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()
-    mcore.say(f"OK job {job} rank {dist.get_rank()} tp {t} dp {d}: {n} optimizer tensors equal, step 2")
+    t, d, q = ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    mcore.say(f"OK job {job} rank {dist.get_rank()} tp {t} pp {q} dp {d}: {n} optimizer tensors equal, step 2")
     # the training state beside the tensors, loaded by Megatron's own code: scheduler, iteration, consumed samples
     sched = scheduler(got[2])
     sched.load_state_dict(common["opt_param_scheduler"])
@@ -319,12 +337,12 @@ def check(spec, out, ckpt, tp, multiple=128, job=0):
     ours, megatron = step(*got, spec, 2), step(*want, spec, 2)
     with open(os.path.join(out, "losses.json")) as f:
         src = json.load(f)
-    mcore.say(f"STEP job {job} rank {dist.get_rank()} tp {t} dp {d}: loss {ours:.7f} (Megatron's own resharding "
-              f"{megatron:.7f}; the source at tp {src['tp']} dp {src['dp']}: {src['losses'][2]:.7f})")
+    mcore.say(f"STEP job {job} rank {dist.get_rank()} tp {t} pp {q} dp {d}: loss {ours:.7f} (Megatron's own resharding "
+              f"{megatron:.7f}; the source at tp {src['tp']} pp {src['pp']} dp {src['dp']}: {src['losses'][2]:.7f})")
     # the weights that step gave: against Megatron's own resharding (the same step on the same state: equal) and
     # against the source's own third step, resharded by Megatron (other TP/DP: float sums in another order)
     m = multiple * tp
-    ref = mcore.build_gpt(spec, tp, 1, -(-spec["vocab_size"] // m) * m)
+    ref = mcore.build_gpt(spec, tp, pp, -(-spec["vocab_size"] // m) * m)
     state = dist_checkpointing.load({"model": ref.sharded_state_dict()}, iter_dir(os.path.join(out, "step3")))
     ref.load_state_dict(state["model"], strict=True)
     same, worst, k = 0, 0.0, 0
@@ -337,7 +355,7 @@ def check(spec, out, ckpt, tp, multiple=128, job=0):
         same += int(torch.equal(a, b))
         worst = max(worst, (a - c).abs().max().item() if a.numel() else 0.0)
         k += 1
-    mcore.say(f"WEIGHTS job {job} rank {dist.get_rank()} tp {t} dp {d}: {same} of {k} updated weights equal to Megatron's own "
+    mcore.say(f"WEIGHTS job {job} rank {dist.get_rank()} tp {t} pp {q} dp {d}: {same} of {k} updated weights equal to Megatron's own "
               f"resharding's; max |d| vs the source's step 3 {worst:.2e}")
 
 
@@ -348,11 +366,12 @@ def main():
     with open(sys.argv[2]) as f:
         spec = json.load(f)
     if mode == "make":
-        make(spec, sys.argv[3], int(sys.argv[4]))
+        make(spec, sys.argv[3], *map(int, sys.argv[4:6]))
     else:
         for k, job in enumerate(sys.argv[4:]):  # one process group for every job
-            ckpt, tp, multiple = (job.split(":") + ["128"])[:3]
-            check(spec, sys.argv[3], ckpt, int(tp), int(multiple), job=k)
+            parts = job.split(":")  # CKPT:TP[:MULTIPLE[:PP]]
+            ckpt, tp, multiple, pp = parts + ["128", "1"][len(parts) - 2:]
+            check(spec, sys.argv[3], ckpt, int(tp), int(multiple), int(pp), job=k)
             dist.barrier()
     dist.barrier()
     # Megatron-core's DDP and optimizer keep references to the gloo groups in module state that
