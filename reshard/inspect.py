@@ -114,7 +114,7 @@ def format_text(info: dict) -> str:
         lines.append(f"optimizer state: {o['form']}, {', '.join(o['kinds']) or 'nothing decoded'}: {o['tensors']} "
                      f"tensor(s) shadowing the weights, {o['bytes'] / 1e9:.3f} GB, {o['param_groups']} param group(s), "
                      f"step {o['step']}, scheduler state {'yes' if o['scheduler'] else 'no'}; "
-                     + ("carried to torch_dist by optimizer=auto|keep" if not o["problems"] else
+                     + ("carried to torch_dist / megatron_legacy by optimizer=auto|keep" if not o["problems"] else
                         "NOT carried (optimizer=drop converts the weights only): " + "; ".join(o["problems"][:3])))
     nc = dict(info.get("not_carried") or {})
     if o and not o["problems"]:  # named on its own line above

@@ -3,12 +3,12 @@ belongs to, under the name ``optimizer.<kind>/<canonical name>``, with that weig
 rule, so the planner, the exchange and the verification treat it like a weight (read once, bounded
 memory, checksummed).
 
-This version carries the model-space form Megatron-core's distributed optimizer saves with
-``--dist-ckpt-optim-fully-reshardable`` (torch_dist ``optimizer.state.<kind>.<model key>``, any
-TP/PP/DP), torch_dist to torch_dist. The bucket-space forms (``dp_reshardable`` torch_dist,
-legacy ``distrib_optim.pt``) and the non-distributed optimizer's legacy ``optimizer`` entry are
-not decoded yet: with them ``optimizer=auto`` converts the weights and names the state it drops,
-``optimizer=keep`` refuses.
+Read: Megatron-core's distributed optimizer as torch_dist ``fully_reshardable`` (``optimizer.state.<kind>.<model
+key>``) and ``dp_reshardable`` (bucket space), legacy ``distrib_optim.pt`` (reshard/formats/dist_opt.py decodes the
+bucket forms); the non-distributed optimizer (FP32Optimizer / Float16Optimizer) as its legacy ``optimizer`` entry
+(torch Adam's state per parameter id) and torch_dist (``optimizer.state.{exp_avg,exp_avg_sq,fp32_param}.<key>``).
+Written: torch_dist in the form the source's optimizer loads, legacy ``distrib_optim.pt`` + ``optimizer`` entry,
+or the non-distributed ``optimizer`` entry.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ KINDS = ("param", "fp32_param", "exp_avg", "exp_avg_sq")
 DCP_PREFIX = "optimizer.state."
 PREFIX = "optimizer."
 MODES = ("auto", "keep", "drop")
+# the sharding of the non-distributed optimizer's state (FP32Optimizer / Float16OptimizerWithFloat16Params): model
+# space, per-parameter torch Adam state (legacy 'optimizer' entry; torch_dist optimizer.state.<kind>.<key>)
+NON_DISTRIBUTED = "non-distributed optimizer"
 
 
 def shadow(kind: str, canonical: str) -> str:

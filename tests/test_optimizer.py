@@ -237,3 +237,70 @@ def test_a_truncated_bucket_fails_clearly_and_drop_converts(trained, tmp_path):
     assert "is incomplete" in text and f"{file} is truncated" in text, text
     run_reshard([V, f"source.path={src}", f"target.path={dst}", "optimizer=drop"])
     assert "optimizer state" in read_json(os.path.join(dst, "reshard_report.json"))["not_carried"]
+
+
+# ------------------------------------------------------------------ the non-distributed optimizer
+
+ND_JOBS = {"nd_leg_pp4": ("legacy", "megatron_legacy", 1, 128, 4), "nd_td_tp4": ("legacy", "torch_dist", 4, 64, 1),
+           "nd_td_leg4": ("torch_dist", "megatron_legacy", 4, 64, 1)}
+
+
+@pytest.fixture(scope="module")
+def non_distributed(tmp_path_factory):
+    """Megatron-core's FP32Optimizer (--use-distributed-optimizer off) trained at TP=2 PP=2 DP=2 and saved as
+    legacy (torch Adam's state of each rank's shards in the 'optimizer' entry) and torch_dist; converted to
+    TP=1 PP=4 and TP=4, both formats; loaded back and stepped by Megatron."""
+    from reshard.synthetic import load_preset
+
+    root = tmp_path_factory.mktemp("opt_nd")
+    spec = str(root / "spec.json")
+    with open(spec, "w") as f:
+        json.dump(dict(load_preset("tiny_llama3").to_dict(), vocab_size=250), f)
+    src = str(root / "src")
+    run_torchrun(8, [TRAIN, "make_nd", spec, src, "2", "2"], timeout=900)
+    out = {k: str(root / k) for k in ND_JOBS}
+    run_jobs(3, [[V, f"source.path={os.path.join(src, form)}", f"target.path={out[name]}", f"target.format={fmt}",
+                  "target.transformer_impl=local", f"parallel.target_tp={tp}", f"parallel.target_pp={pp}",
+                  f"parallel.make_vocab_size_divisible_by={m}"] for name, (form, fmt, tp, m, pp) in ND_JOBS.items()],
+             root, "nd_jobs")
+    p = run_torchrun(4, [TRAIN, "check", spec, src]
+                     + [f"{out[name]}:{tp}:{m}:{pp}" for name, (_, _, tp, m, pp) in ND_JOBS.items()], timeout=900)
+    lines = {name: sorted({x for x in p.stdout.splitlines() if re.match(rf"\w+ job {k} ", x)})
+             for k, name in enumerate(ND_JOBS)}
+    return {"src": src, "out": out, "lines": lines}
+
+
+@pytest.mark.parametrize("name", list(ND_JOBS))
+def test_the_non_distributed_optimizer_state_resumes_exactly(non_distributed, name):
+    lines = non_distributed["lines"][name]
+    oks, steps, weights = _of(lines, "OK"), _of(lines, "STEP"), _of(lines, "WEIGHTS")
+    assert len(oks) == len(steps) == len(weights) == 4, lines
+    counts = [int(re.search(r": (\d+) optimizer", x).group(1)) for x in oks]
+    assert counts == ([21, 18, 18, 24] if ND_JOBS[name][4] == 4 else [81] * 4), oks  # weight + 2 moments each
+    form = "legacy" if ND_JOBS[name][1] == "megatron_legacy" else "torch_dist"
+    assert all(f"{form}, iteration 2, scheduler num_steps 8" in x for x in _of(lines, "STATE")), lines
+    for x in steps:
+        ours, megatron, source = re.search(r"loss ([\d.]+) \(Megatron's own resharding ([\d.]+); the source at "
+                                           r"tp 2 pp 2 dp 2: ([\d.]+)\)", x).groups()
+        assert ours == megatron and abs(float(ours) - float(source)) < 1e-5, x
+    for x in weights:
+        m = re.search(r"(\d+) of (\d+) updated weights equal .* max \|d\| vs the source's step 3 ([\d.e+-]+)", x)
+        assert m and m.group(1) == m.group(2) and float(m.group(3)) < 1e-5, x
+
+
+def test_the_non_distributed_entry_is_torch_adams_state(non_distributed):
+    import torch
+
+    from reshard.formats import megatron_legacy
+
+    idx = megatron_legacy.read_index(os.path.join(non_distributed["src"], "legacy"), vocab_size=250)
+    assert idx.optimizer["sharding"] == "non-distributed optimizer" and idx.optimizer["kinds"] == ["exp_avg", "exp_avg_sq"]
+    assert idx.optimizer["step"] == 2.0 and not idx.optimizer["problems"]
+    d = os.path.join(non_distributed["out"]["nd_leg_pp4"], "iter_0000002", "mp_rank_00_003")
+    state = torch.load(os.path.join(d, "model_optim_rng.pt"), weights_only=False)
+    assert not state["args"].use_distributed_optimizer and not os.path.exists(os.path.join(d, "distrib_optim.pt"))
+    opt, model = state["optimizer"], state["model"]
+    params = [k for k, v in model.items() if isinstance(v, torch.Tensor)]
+    assert [g["wd_mult"] for g in opt["param_groups"]] == [1.0, 0.0]
+    assert sorted(i for g in opt["param_groups"] for i in g["params"]) == list(range(len(params)))
+    assert all(float(s["step"]) == 2.0 and s["exp_avg"].shape == s["exp_avg_sq"].shape for s in opt["state"].values())

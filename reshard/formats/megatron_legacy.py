@@ -222,10 +222,20 @@ def _optimizer(index: SourceIndex, ckpt: str, root: str, table: MappingTable, la
     info = {"kinds": [], "sharding": "distrib_optim.pt", "state": first["optimizer"], "problems": [], "tensors": 0,
             "scheduler": first.get("opt_param_scheduler"), "args": args}
     if not mg._get(args, "use_distributed_optimizer", default=False):
-        info["sharding"] = "optimizer entry (non-distributed optimizer)"
-        info["problems"].append(f"{ckpt}: the non-distributed optimizer's 'optimizer' entry is not decoded in this "
-                                "version (the distributed optimizer's distrib_optim.pt is)")
-        return info
+        info["sharding"] = optim.NON_DISTRIBUTED
+        entry = first["optimizer"] if isinstance(first["optimizer"], dict) else {}
+        sd = entry.get("optimizer", entry) if "fp32_from_fp16_params" in entry else entry
+        info["state"] = {"param_groups": [{k: v for k, v in g.items() if k != "params"}
+                                          for g in sd.get("param_groups", []) if isinstance(g, dict)]}
+        if "grad_scaler" in entry:
+            info["state"]["grad_scaler"] = entry["grad_scaler"]
+        try:
+            dist_opt.check_decodable(spec, layout, ckpt)
+            slices, info["step"] = _non_distributed(index, ckpt, root, table, layout, parsed, dirs, files)
+        except SourceError as e:
+            info["problems"].append(str(e))
+            return info
+        return dist_opt.attach(index, info, slices, {optim.split(n)[0] for n in slices})
     if layout.ep > 1 or spec.is_moe:
         info["problems"].append(f"{ckpt}: the distributed optimizer state of a mixture of experts is not decoded "
                                 "in this version")
@@ -255,6 +265,78 @@ def _optimizer(index: SourceIndex, ckpt: str, root: str, table: MappingTable, la
         info["problems"].append(str(e))
         return info
     return dist_opt.attach(index, info, slices, {optim.split(n)[0] for n in slices})
+
+
+def param_groups_members(params: list, groups: list, where: str) -> List[list]:
+    """The parameters of each of the optimizer's param groups, in order (their ids are their positions, group
+    after group): Megatron-core's default groups - no weight decay (``wd_mult`` 0) for biases and 1-D
+    parameters, the rest with it (``_get_param_groups``). Groups this rule does not explain are refused."""
+    nowd = [p for p in params if len(p.shape) == 1 or p.name.endswith(".bias")]
+    wd = [p for p in params if not (len(p.shape) == 1 or p.name.endswith(".bias"))]
+    mults = [g.get("wd_mult", 1.0) if isinstance(g, dict) else None for g in groups]
+    if sorted(mults) not in ([0.0, 1.0], [1.0], [0.0]):
+        raise SourceError(f"{where}: param groups with wd_mult {mults}; Megatron-core's default groups (weight "
+                          "decay, none for biases and 1-D parameters) are decoded, other overrides are not")
+    return [nowd if m == 0.0 else wd for m in mults]
+
+
+def _non_distributed(index: SourceIndex, ckpt: str, root: str, table: MappingTable, layout: Layout, parsed, dirs,
+                     files):
+    """Each rank file's ``optimizer`` entry: torch Adam's state of the rank's local shards (FP32Optimizer), or
+    that state under ``optimizer`` with the fp32 master weights in ``fp32_from_fp16_params`` (Float16Optimizer).
+    Its ids are matched to the parameters by Megatron's param groups; every state's shape is checked."""
+    spec = index.spec
+    args = parsed[sorted(parsed)[0]].get("args")
+    impl = str(mg._get(args, "transformer_impl", default="transformer_engine"))
+    rows = index.vocab_rows
+    out: Dict[str, List[SourceSlice]] = {}
+    steps = set()
+    for d in sorted(dirs):
+        t, pp, _ = parse_dirname(dirs[d], layout.pp)
+        entry, where = parsed[d].get("optimizer"), files[d]
+        masters = entry.get("fp32_from_fp16_params") if isinstance(entry, dict) else None
+        sd = entry.get("optimizer") if masters is not None else entry
+        if not isinstance(sd, dict) or not isinstance(sd.get("state"), dict) or "param_groups" not in sd:
+            raise SourceError(f"{where}: its 'optimizer' entry is not a torch optimizer state (state, param_groups)")
+        params = [p for v in range(layout.vp) for p in dist_opt.chunk_params(spec, layout, table, pp, v, impl, rows)]
+        groups = param_groups_members(params, sd["param_groups"], where)
+        rel = os.path.relpath(where, root)
+        for g, (group, members) in enumerate(zip(sd["param_groups"], groups)):
+            ids = group.get("params", [])
+            if len(ids) != len(members):
+                raise SourceError(f"{where}: param group {g} holds {len(ids)} parameters; the model's rank has "
+                                  f"{len(members)} {'without' if group.get('wd_mult') == 0.0 else 'with'} weight decay")
+            for j, (pid, p) in enumerate(zip(ids, members)):
+                st = sd["state"].get(pid, {})
+                refs = {k: st.get(k) for k in ("exp_avg", "exp_avg_sq")}
+                if masters is not None:
+                    refs["fp32_param"] = masters[g][j]
+                for kind, ref in refs.items():
+                    if not isinstance(ref, TensorRef) or tuple(ref.shape) != p.shape or not ref.contiguous:
+                        raise SourceError(f"{where}: the {kind} of parameter {pid} ({p.name}) is "
+                                          f"{getattr(ref, 'shape', ref)}, the parameter {p.shape}")
+                if isinstance(st.get("step"), TensorRef):
+                    steps.add(_scalar(where, st["step"]))
+                if (p.entry.tp_rule == "replicated" and t != 0) or (spec.tie_word_embeddings and
+                                                                   p.name == "output_layer.weight"):
+                    continue  # read from TP rank 0; the tied copy equals the embedding's
+                pls = mg.local_placements(p.entry, spec, layout, t, p.layer, reading=True,
+                                          rows=rows if p.entry.tp_rule == "vocab" else None)
+                for kind, ref in refs.items():
+                    stored = StoredTensor(rel, f"optimizer/{pid}/{kind}", tuple(ref.shape), ref.dtype, ref.offset)
+                    for pl in pls:
+                        out.setdefault(optim.shadow(kind, pl.canonical), []).append(
+                            SourceSlice(stored, pl.c_off, pl.dst_off, pl.c_size))
+    if len(steps) > 1:
+        raise SourceError(f"{ckpt}: the parameters' Adam steps differ ({sorted(steps)})")
+    return out, (steps.pop() if steps else None)
+
+
+def _scalar(path: str, ref: TensorRef) -> float:
+    with open(path, "rb") as f:
+        f.seek(ref.offset)
+        data = f.read(ref.dtype.itemsize)
+    return float(torch.frombuffer(bytearray(data), dtype=ref.dtype)[0])
 
 
 def _parse_dist_opt(path: str):
@@ -551,6 +633,55 @@ def optimizer_targets(ctx, dp: Optional[int]):
     return out, buffers
 
 
+def non_distributed_targets(ctx) -> Tuple[List[TargetTensor], Dict[int, List[int]]]:
+    """The non-distributed optimizer's state at the target layout, in each rank file's ``optimizer`` entry:
+    per parameter (ids in param-group order, :func:`param_groups_members`) its Adam moments and, for
+    Float16Optimizer, its fp32 master weight (``fp32_param``). Also returns each stage's group sizes."""
+    from .. import optim
+
+    spec, layout, table, opt = ctx.spec, ctx.layout, ctx.table, ctx.optimizer
+    out, sizes = [], {}
+    for pp in range(layout.pp):
+        params = [p for v in range(layout.vp)
+                  for p in dist_opt.chunk_params(spec, layout, table, pp, v, ctx.cfg.target.transformer_impl)]
+        groups = param_groups_members(params, opt["state"]["param_groups"], "the source")
+        sizes[pp] = [len(g) for g in groups]
+        for t in range(layout.tp):
+            file = f"{rank_dirname(t, pp, layout)}/{FILE}"
+            pid = 0
+            for members in groups:
+                for p in members:
+                    for kind in opt["kinds"]:
+                        pls = [dataclasses.replace(x, canonical=optim.shadow(kind, x.canonical))
+                               for x in mg.local_placements(p.entry, spec, layout, t, p.layer)]
+                        name = f"optimizer/{kind}/{pid}"
+                        out.append(TargetTensor(f"{file}::{name}", p.shape, torch.float32, pls, rule=p.entry.tp_rule,
+                                                file=file, name=name))
+                    pid += 1
+    return out, sizes
+
+
+def non_distributed_entry(opt: dict, tensors: dict) -> dict:
+    """The ``optimizer`` entry of one rank file: torch Adam's ``state_dict()`` (FP32Optimizer), or that under
+    ``optimizer`` with ``fp32_from_fp16_params`` (Float16OptimizerWithFloat16Params)."""
+    state: Dict[int, dict] = {}
+    for name, t in tensors.items():
+        _, kind, pid = name.split("/")
+        state.setdefault(int(pid), {})[kind] = t
+    groups, first = [], 0
+    sizes = opt["group_sizes"]
+    for g, n in zip(opt["state"]["param_groups"], sizes):
+        groups.append(dict(g, params=list(range(first, first + n))))
+        first += n
+    step = float(opt.get("step") or 0)
+    sd = {"state": {i: {"step": torch.tensor(step), "exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]}
+                    for i, st in sorted(state.items())}, "param_groups": groups}
+    if "fp32_param" not in opt["kinds"]:
+        return sd
+    masters = [[state[i]["fp32_param"] for i in g["params"]] for g in groups]
+    return {"optimizer": sd, "fp32_from_fp16_params": masters, "grad_scaler": opt["state"].get("grad_scaler")}
+
+
 class Target(TorchSaveTarget):
     """One ``mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt`` per model-parallel rank of the target
     layout: ``args`` etc. from the common state, then the ``model``/``modelK`` dicts. A carried
@@ -563,7 +694,7 @@ class Target(TorchSaveTarget):
     def __init__(self, ctx):
         super().__init__(ctx)
         self.subdir = mg.iteration_dirname(ctx.cfg.target.iteration)
-        self.buffers = {}
+        self.buffers, self.group_sizes = {}, {}
 
     def check(self) -> None:
         from ..errors import LayoutError
@@ -580,7 +711,8 @@ class Target(TorchSaveTarget):
             except SourceError as e:
                 raise LayoutError(str(e).replace("is not decoded", "is not written")) from None
             args, dp = opt.get("args"), self.ctx.cfg.parallel.target_dp
-            if dp is None and mg._get(args, "overlap_grad_reduce", default=False) and \
+            if opt["sharding"] != optim.NON_DISTRIBUTED and dp is None and \
+                    mg._get(args, "overlap_grad_reduce", default=False) and \
                     mg._get(args, "ddp_bucket_size") is None:
                 raise LayoutError("the source trained with --overlap-grad-reduce and no --ddp-bucket-size, so the "
                                   "bucket size of the resuming job (max(4e7, 1e6 x DP)) and the layout of its "
@@ -590,7 +722,10 @@ class Target(TorchSaveTarget):
         c = self.ctx
         out = targets(c.spec, c.layout, c.table, c.dtype_of, c.cfg.target.transformer_impl,
                       c.cfg.target.moe_grouped_gemm)
-        if c.optimizer:
+        if c.optimizer and c.optimizer["sharding"] == optim.NON_DISTRIBUTED:
+            opt, self.group_sizes = non_distributed_targets(c)
+            out += opt
+        elif c.optimizer:
             opt, self.buffers = optimizer_targets(c, c.cfg.parallel.target_dp)
             out += opt
         return out
@@ -600,7 +735,8 @@ class Target(TorchSaveTarget):
         opt = self.ctx.optimizer
         if opt:
             mg.carry_training_state(common, opt, self.ctx.cfg.parallel.target_dp)
-            common["args"].use_distributed_optimizer = True  # what distrib_optim.pt is
+            # what distrib_optim.pt is, or the optimizer entry of the non-distributed optimizer
+            common["args"].use_distributed_optimizer = opt["sharding"] != optim.NON_DISTRIBUTED
             state = {k: v for k, v in (opt["state"] or {}).items() if k != "param_state_sharding_type"}
             common["optimizer"] = state
             common["buffer_dtypes"] = buffer_dtypes(opt, dtype)
@@ -677,9 +813,14 @@ class Target(TorchSaveTarget):
         pp = parse_dirname(tuple(int(x) if x else None for x in m.groups()), layout.pp)[1]
         common = job.common
         obj = {k: common[k] for k in ("args", "checkpoint_version", "iteration", "reshard")}
-        for k in ("optimizer", "opt_param_scheduler"):
-            if k in common:
-                obj[k] = common[k]
+        opt = job.optimizer
+        if opt and opt["sharding"] == optim.NON_DISTRIBUTED:
+            obj["optimizer"] = non_distributed_entry(
+                dict(opt, group_sizes=self.group_sizes[pp]), {n: t for n, t in tensors.items() if n.startswith("optimizer/")})
+        elif "optimizer" in common:
+            obj["optimizer"] = common["optimizer"]
+        if "opt_param_scheduler" in common:
+            obj["opt_param_scheduler"] = common["opt_param_scheduler"]
         grouped = bool(common["reshard"]["layout"].get("moe_grouped_gemm"))
         for v, mkey in enumerate(model_keys(layout)):
             model = {}

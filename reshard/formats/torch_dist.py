@@ -297,9 +297,33 @@ def _optimizer_info(opt: dict, opt_keys: List[_Key], common: dict, index: Source
     names = optim.shadows(index.slices)
     for name in names:
         index.shapes[name] = index.shapes[optim.split(name)[1]]
+    step = None
+    if "param" not in kinds and isinstance(state, dict):  # the non-distributed optimizer (FP32 / Float16Optimizer)
+        sharding = optim.NON_DISTRIBUTED
+        ref = (state.get("state") or {}).get("common_step")
+        if isinstance(ref, TensorRef):  # a scalar in the common state's record
+            step = _scalar_at(_common_path(index), ref)
+        state = {"param_groups": [{k: v for k, v in g.items() if k != "params"} for g in state.get("param_groups", [])]}
     return {"kinds": kinds, "sharding": sharding, "state": state, "problems": opt["problems"], "tensors": len(names),
+            "step": step,
             "scheduler": common.get("opt_param_scheduler") if isinstance(common, dict) else None,
             "args": common.get("args") if isinstance(common, dict) else None}
+
+
+def _common_path(index: SourceIndex) -> str:
+    ckpt = os.path.join(index.root, mg.iteration_dirname(index.iteration)) if index.iteration is not None else None
+    for c in (ckpt, os.path.join(index.root, "release"), index.root):
+        if c and os.path.isfile(os.path.join(c, ".metadata")):
+            _, storage = read_metadata(c)
+            return os.path.join(c, storage[(COMMON_KEY, ())].relative_path)
+    raise SourceError(f"{index.root}: no common state")
+
+
+def _scalar_at(path: str, ref: TensorRef) -> float:
+    with open(path, "rb") as f:
+        f.seek(ref.offset)
+        data = f.read(ref.dtype.itemsize)
+    return float(torch.frombuffer(bytearray(data), dtype=ref.dtype)[0])
 
 
 def chunk_tensor(ckpt: str, root: str, key: str, ch, where) -> StoredTensor:
@@ -662,7 +686,13 @@ class Target(_Target):
     def common(self, dtype: torch.dtype) -> dict:
         common = super().common(dtype)
         opt = self.ctx.optimizer
-        if opt:  # the optimizer's non-tensor state (param groups with their step) and its sharding type
+        if opt and opt["sharding"] == optim.NON_DISTRIBUTED:  # as FP32 / Float16Optimizer.sharded_state_dict saves it
+            common["optimizer"] = {"param_groups": (opt["state"] or {}).get("param_groups", []),
+                                   "state": {"common_step": torch.tensor(float(opt["step"] or 0))}}
+            common["content_metadata"] = {"distrib_optim_sharding_type": "fully_reshardable"}
+            mg.carry_training_state(common, opt, self.ctx.cfg.parallel.target_dp)
+            common["args"].use_distributed_optimizer = False
+        elif opt:  # the optimizer's non-tensor state (param groups with their step) and its sharding type
             common["optimizer"] = dict(opt["state"] or {}, param_state_sharding_type="fully_reshardable")
             common["content_metadata"] = {"distrib_optim_sharding_type": "fully_reshardable"}
             mg.carry_training_state(common, opt, self.ctx.cfg.parallel.target_dp)

@@ -95,7 +95,7 @@ def fix_step_on_load():
     DistributedOptimizer._set_main_param_and_optimizer_states = keep_step
 
 
-def build(spec, tp, multiple=128, pp=1):
+def build(spec, tp, multiple=128, pp=1, distributed=True):
     """Model, DDP and optimizer at TP (data parallel over the other ranks); the vocab padded to a multiple
     of ``multiple * tp`` (Megatron's --make-vocab-size-divisible-by)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -107,9 +107,9 @@ def build(spec, tp, multiple=128, pp=1):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
-            use_distributed_optimizer=True, overlap_grad_reduce=False, bucket_size=None), model)
+            use_distributed_optimizer=distributed, overlap_grad_reduce=False, bucket_size=None), model)
         opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.01,
-                                                     use_distributed_optimizer=True, bf16=False, fp16=False,
+                                                     use_distributed_optimizer=distributed, bf16=False, fp16=False,
                                                      params_dtype=torch.float32), [ddp])
     return model, ddp, opt
 
@@ -167,7 +167,7 @@ def sharded(model, opt, loading=False):
     return state
 
 
-def make(spec, out, tp, pp=1):
+def make(spec, out, tp, pp=1, distributed=True):
     """Train 2 steps, then save the same state three ways: torch_dist ``fully_reshardable`` (OUT/torch_dist),
     torch_dist ``dp_reshardable`` (OUT/torch_dist_dp, Megatron-LM's default) and legacy (OUT/legacy: each
     model-parallel rank's ``model_optim_rng.pt`` with the optimizer's ``state_dict()``, and its
@@ -175,7 +175,7 @@ def make(spec, out, tp, pp=1):
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
-    model, ddp, opt = build(spec, tp, pp=pp)
+    model, ddp, opt = build(spec, tp, pp=pp, distributed=distributed)
     sched = scheduler(opt)
     losses = []
     for k in range(2):
@@ -183,10 +183,10 @@ def make(spec, out, tp, pp=1):
         sched.step(increment=GLOBAL_BATCH)
     dp = dist.get_world_size() // (tp * pp)
     args = megatron_args(spec, tp, pp, 0, padded_vocab(spec, tp))
-    args.iteration, args.use_distributed_optimizer, args.data_parallel_size = 2, True, dp
+    args.iteration, args.use_distributed_optimizer, args.data_parallel_size = 2, distributed, dp
     args.world_size, args.overlap_grad_reduce, args.ddp_bucket_size = dist.get_world_size(), False, None
     args.consumed_train_samples, args.global_batch_size = 2 * GLOBAL_BATCH, GLOBAL_BATCH
-    for name, sharding in (("torch_dist", SHARDING), ("torch_dist_dp", DP_SHARDING)):
+    for name, sharding in (("torch_dist", SHARDING), ("torch_dist_dp", DP_SHARDING))[:2 if distributed else 1]:
         state = {"model": model.sharded_state_dict()}
         state["optimizer"] = opt.sharded_state_dict(state["model"], metadata=sharding)
         state.update(args=args, iteration=2, checkpoint_version=3.0, opt_param_scheduler=sched.state_dict())
@@ -201,7 +201,8 @@ def make(spec, out, tp, pp=1):
               "rng_state": [{"torch_rng_state": torch.get_rng_state()}]}
     if ps.get_data_parallel_rank() == 0:
         torch.save(legacy, os.path.join(d, "model_optim_rng.pt"))
-    opt.save_parameter_state(os.path.join(d, "distrib_optim.pt"))  # gathers the DP shards on DP rank 0
+    if distributed:
+        opt.save_parameter_state(os.path.join(d, "distrib_optim.pt"))  # gathers the DP shards on DP rank 0
     losses.append(step(model, ddp, opt, spec, 2))
     # the weights after that third step, the reference for the step taken after a conversion
     d = os.path.join(out, "step3", "iter_0000003")
@@ -210,11 +211,11 @@ def make(spec, out, tp, pp=1):
     if dist.get_rank() == 0:
         with open(os.path.join(out, "step3", "latest_checkpointed_iteration.txt"), "w") as f:
             f.write("3")
-        for name in ("torch_dist", "torch_dist_dp", "legacy"):
+        for name in ("torch_dist", "torch_dist_dp", "legacy") if distributed else ("torch_dist", "legacy"):
             with open(os.path.join(out, name, "latest_checkpointed_iteration.txt"), "w") as f:
                 f.write("2")
         with open(os.path.join(out, "losses.json"), "w") as f:
-            json.dump({"losses": losses, "tp": tp, "pp": pp, "dp": dp}, f)
+            json.dump({"losses": losses, "tp": tp, "pp": pp, "dp": dp, "distributed": distributed}, f)
     dist.barrier()
     mcore.say(f"made tp {tp} pp {pp} dp {dp}: losses {losses}")
 
@@ -263,7 +264,8 @@ def load_legacy(model, opt, ckpt):
                                       step=torch.tensor(0.0))
     with torch.no_grad():
         opt.load_state_dict(state["optimizer"])
-        opt.load_parameter_state(os.path.join(d, "distrib_optim.pt"))
+        if os.path.exists(os.path.join(d, "distrib_optim.pt")):
+            opt.load_parameter_state(os.path.join(d, "distrib_optim.pt"))
     for st in inner.state.values():
         if "step" in st:
             st["step"] = st["step"].clone()
@@ -280,16 +282,21 @@ def optimizer_tensors(model, opt, spec):
     tp, t = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     out = []
     for name, mp in model.named_parameters():
-        if mp not in o.model_param_group_index_map:
-            continue
-        g, j = o.model_param_group_index_map[mp]
-        main = o.optimizer.param_groups[g]["params"][j]
+        if hasattr(o, "model_param_group_index_map"):  # the distributed optimizer: this DP rank's range
+            if mp not in o.model_param_group_index_map:
+                continue
+            g, j = o.model_param_group_index_map[mp]
+            main = o.optimizer.param_groups[g]["params"][j]
+            r = o._get_model_param_range_map(mp)["param"]
+            start, end = r.start, r.end
+        else:  # FP32Optimizer: the model parameter is the master weight, its whole state on every DP rank
+            main, start, end = mp, 0, mp.numel()
         st = o.optimizer.state[main]
-        r = o._get_model_param_range_map(mp)["param"]
-        keep = torch.ones(r.end - r.start, dtype=torch.bool)
+        r = range(start, end)
+        keep = torch.ones(end - start, dtype=torch.bool)
         if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
             rows = mp.shape[0]
-            global_row = t * rows + torch.arange(r.start, r.end) // mp.shape[1]
+            global_row = t * rows + torch.arange(r.start, r.stop) // mp.shape[1]
             keep = global_row < spec["vocab_size"]
         out.append((name, [(w, x.detach().flatten()[keep]) for w, x in
                            (("master weight", main), ("exp_avg", st["exp_avg"]), ("exp_avg_sq", st["exp_avg_sq"]))],
@@ -308,14 +315,16 @@ def check(spec, out, ckpt, tp, multiple=128, pp=1, job=0):
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
-    got = build(spec, tp, multiple, pp)
+    with open(os.path.join(out, "losses.json")) as f:
+        distributed = json.load(f).get("distributed", True)
+    got = build(spec, tp, multiple, pp, distributed)
     legacy = any(x.startswith("mp_rank_") for x in os.listdir(iter_dir(ckpt)))
     if legacy:
         common = load_legacy(got[0], got[2], iter_dir(ckpt))
     else:
         load(got[0], got[2], iter_dir(ckpt))
         common = dist_checkpointing.load_common_state_dict(iter_dir(ckpt))
-    want = build(spec, tp, multiple, pp)
+    want = build(spec, tp, multiple, pp, distributed)
     load(want[0], want[2], iter_dir(os.path.join(out, "torch_dist")))
     n = 0
     for (name, xs, s), (name2, ys, s2) in zip(optimizer_tensors(got[0], got[2], spec),
@@ -365,8 +374,8 @@ def main():
     mode = sys.argv[1]
     with open(sys.argv[2]) as f:
         spec = json.load(f)
-    if mode == "make":
-        make(spec, sys.argv[3], *map(int, sys.argv[4:6]))
+    if mode in ("make", "make_nd"):  # make_nd: the non-distributed optimizer (no torch_dist_dp, no distrib_optim.pt)
+        make(spec, sys.argv[3], *map(int, sys.argv[4:6]), distributed=mode == "make")
     else:
         for k, job in enumerate(sys.argv[4:]):  # one process group for every job
             parts = job.split(":")  # CKPT:TP[:MULTIPLE[:PP]]
