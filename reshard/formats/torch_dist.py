@@ -300,10 +300,12 @@ def _optimizer_info(opt: dict, opt_keys: List[_Key], common: dict, index: Source
     step = None
     if "param" not in kinds and isinstance(state, dict):  # the non-distributed optimizer (FP32 / Float16Optimizer)
         sharding = optim.NON_DISTRIBUTED
-        ref = (state.get("state") or {}).get("common_step")
+        inner = state.get("optimizer", state) if "fp32_param" in kinds else state  # Float16Optimizer nests it
+        ref = (inner.get("state") or {}).get("common_step")
         if isinstance(ref, TensorRef):  # a scalar in the common state's record
             step = _scalar_at(_common_path(index), ref)
-        state = {"param_groups": [{k: v for k, v in g.items() if k != "params"} for g in state.get("param_groups", [])]}
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in inner.get("param_groups", [])]
+        state = {"param_groups": groups, **({"grad_scaler": state["grad_scaler"]} if "grad_scaler" in state else {})}
     return {"kinds": kinds, "sharding": sharding, "state": state, "problems": opt["problems"], "tensors": len(names),
             "step": step,
             "scheduler": common.get("opt_param_scheduler") if isinstance(common, dict) else None,
@@ -687,8 +689,11 @@ class Target(_Target):
         common = super().common(dtype)
         opt = self.ctx.optimizer
         if opt and opt["sharding"] == optim.NON_DISTRIBUTED:  # as FP32 / Float16Optimizer.sharded_state_dict saves it
-            common["optimizer"] = {"param_groups": (opt["state"] or {}).get("param_groups", []),
-                                   "state": {"common_step": torch.tensor(float(opt["step"] or 0))}}
+            inner = {"param_groups": (opt["state"] or {}).get("param_groups", []),
+                     "state": {"common_step": torch.tensor(float(opt["step"] or 0))}}
+            if "fp32_param" in opt["kinds"]:  # Float16Optimizer: Adam's state under 'optimizer', its masters sharded
+                inner = {"optimizer": inner, **{k: v for k, v in opt["state"].items() if k == "grad_scaler"}}
+            common["optimizer"] = inner
             common["content_metadata"] = {"distrib_optim_sharding_type": "fully_reshardable"}
             mg.carry_training_state(common, opt, self.ctx.cfg.parallel.target_dp)
             common["args"].use_distributed_optimizer = False

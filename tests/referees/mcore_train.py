@@ -40,6 +40,7 @@ from tests.referees.mcore_ckpt import megatron_args, padded_vocab  # noqa: E402
 GLOBAL_BATCH, SEQ = 4, 12
 SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 DP_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+BF16 = {"on": False}  # make_nd16: bf16 weights, Float16OptimizerWithFloat16Params with fp32 masters
 
 
 def cpu_patches():
@@ -103,14 +104,16 @@ def build(spec, tp, multiple=128, pp=1, distributed=True):
 
     torch.manual_seed(1234)
     m = multiple * tp
-    model = mcore.build_gpt(spec, tp, pp, -(-spec["vocab_size"] // m) * m)
+    dtype = torch.bfloat16 if BF16["on"] else torch.float32
+    model = mcore.build_gpt(spec, tp, pp, -(-spec["vocab_size"] // m) * m, dtype=dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
-            use_distributed_optimizer=distributed, overlap_grad_reduce=False, bucket_size=None), model)
+            use_distributed_optimizer=distributed, overlap_grad_reduce=False, bucket_size=None,
+            grad_reduce_in_fp32=BF16["on"]), model)
         opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.01,
-                                                     use_distributed_optimizer=distributed, bf16=False, fp16=False,
-                                                     params_dtype=torch.float32), [ddp])
+                                                     use_distributed_optimizer=distributed, bf16=BF16["on"], fp16=False,
+                                                     params_dtype=dtype), [ddp])
     return model, ddp, opt
 
 
@@ -184,6 +187,7 @@ def make(spec, out, tp, pp=1, distributed=True):
     dp = dist.get_world_size() // (tp * pp)
     args = megatron_args(spec, tp, pp, 0, padded_vocab(spec, tp))
     args.iteration, args.use_distributed_optimizer, args.data_parallel_size = 2, distributed, dp
+    args.bf16, args.params_dtype, args.accumulate_allreduce_grads_in_fp32 = BF16["on"], model.config.params_dtype, BF16["on"]
     args.world_size, args.overlap_grad_reduce, args.ddp_bucket_size = dist.get_world_size(), False, None
     args.consumed_train_samples, args.global_batch_size = 2 * GLOBAL_BATCH, GLOBAL_BATCH
     for name, sharding in (("torch_dist", SHARDING), ("torch_dist_dp", DP_SHARDING))[:2 if distributed else 1]:
@@ -215,7 +219,7 @@ def make(spec, out, tp, pp=1, distributed=True):
             with open(os.path.join(out, name, "latest_checkpointed_iteration.txt"), "w") as f:
                 f.write("2")
         with open(os.path.join(out, "losses.json"), "w") as f:
-            json.dump({"losses": losses, "tp": tp, "pp": pp, "dp": dp, "distributed": distributed}, f)
+            json.dump({"losses": losses, "tp": tp, "pp": pp, "dp": dp, "distributed": distributed, "bf16": BF16["on"]}, f)
     dist.barrier()
     mcore.say(f"made tp {tp} pp {pp} dp {dp}: losses {losses}")
 
@@ -289,6 +293,9 @@ def optimizer_tensors(model, opt, spec):
             main = o.optimizer.param_groups[g]["params"][j]
             r = o._get_model_param_range_map(mp)["param"]
             start, end = r.start, r.end
+        elif hasattr(o, "float16_groups"):  # Float16Optimizer: the fp32 master beside the bf16 parameter
+            g, j = next((g, j) for g, ps in enumerate(o.float16_groups) for j, q in enumerate(ps) if q is mp)
+            main, start, end = o.fp32_from_float16_groups[g][j], 0, mp.numel()
         else:  # FP32Optimizer: the model parameter is the master weight, its whole state on every DP rank
             main, start, end = mp, 0, mp.numel()
         st = o.optimizer.state[main]
@@ -316,7 +323,8 @@ def check(spec, out, ckpt, tp, multiple=128, pp=1, job=0):
     from megatron.core import parallel_state as ps
 
     with open(os.path.join(out, "losses.json")) as f:
-        distributed = json.load(f).get("distributed", True)
+        made = json.load(f)
+    distributed, BF16["on"] = made.get("distributed", True), made.get("bf16", False)
     got = build(spec, tp, multiple, pp, distributed)
     legacy = any(x.startswith("mp_rank_") for x in os.listdir(iter_dir(ckpt)))
     if legacy:
@@ -351,7 +359,7 @@ def check(spec, out, ckpt, tp, multiple=128, pp=1, job=0):
     # the weights that step gave: against Megatron's own resharding (the same step on the same state: equal) and
     # against the source's own third step, resharded by Megatron (other TP/DP: float sums in another order)
     m = multiple * tp
-    ref = mcore.build_gpt(spec, tp, pp, -(-spec["vocab_size"] // m) * m)
+    ref = mcore.build_gpt(spec, tp, pp, -(-spec["vocab_size"] // m) * m, dtype=torch.bfloat16 if BF16["on"] else torch.float32)
     state = dist_checkpointing.load({"model": ref.sharded_state_dict()}, iter_dir(os.path.join(out, "step3")))
     ref.load_state_dict(state["model"], strict=True)
     same, worst, k = 0, 0.0, 0
@@ -374,7 +382,8 @@ def main():
     mode = sys.argv[1]
     with open(sys.argv[2]) as f:
         spec = json.load(f)
-    if mode in ("make", "make_nd"):  # make_nd: the non-distributed optimizer (no torch_dist_dp, no distrib_optim.pt)
+    if mode in ("make", "make_nd", "make_nd16"):  # make_nd: the non-distributed optimizer (no torch_dist_dp, no
+        BF16["on"] = mode == "make_nd16"          # distrib_optim.pt); make_nd16: in bf16 (Float16Optimizer)
         make(spec, sys.argv[3], *map(int, sys.argv[4:6]), distributed=mode == "make")
     else:
         for k, job in enumerate(sys.argv[4:]):  # one process group for every job
