@@ -164,6 +164,9 @@ def resolve(cfg, world: int) -> Job:
         opt["true_vocab"] = true_vocab
         log.info("training state: vocab padding rows %d..%d of the source carried as they are (Megatron's softmax "
                  "runs over the padded vocab, so they are part of the model being trained)", true_vocab, rows - 1)
+    if opt is not None:
+        log.info("optimizer state carried: %s (%d tensors, %s), iteration %s", ", ".join(opt["kinds"]),
+                 opt["tensors"], opt["sharding"], cfg.target.iteration)
     check_source(index, table, spec)
     check_target(tgt, src, cfg.overwrite)
     cast = getattr(torch, cfg.target.dtype) if cfg.target.dtype else None
@@ -233,8 +236,6 @@ def optimizer_state(index, cfg) -> Optional[dict]:
             index.not_carried.pop("learning-rate scheduler state", None)
         if cfg.target.iteration is None and index.iteration is not None:
             cfg.target.iteration = index.iteration
-        log.info("optimizer state carried: %s (%d tensors, %s), iteration %s", ", ".join(opt["kinds"]),
-                 opt["tensors"], opt["sharding"], cfg.target.iteration)
     if carried is None:
         for name in optim.shadows(list(index.slices)):
             del index.slices[name]

@@ -23,10 +23,12 @@ args the run trained with (:func:`bucket_size`).
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .. import optim
 from ..errors import SourceError
 from ..layout import Layout
 from ..mapping import MappingTable
@@ -229,7 +231,6 @@ def shadow_slices(spec: ModelSpec, layout: Layout, t: int, buf: BufferLayout, ki
     Replicated parameters are read from TP rank 0's buffer; the tied output copy of the last stage (it
     equals the embedding's) is not read."""
     from . import megatron as mg
-    from .. import optim
 
     for p in buf.params:
         if (p.entry.tp_rule == "replicated" and t != 0) or (spec.tie_word_embeddings and p.name == "output_layer.weight"):
@@ -306,8 +307,6 @@ def decode_buckets(spec: ModelSpec, table: MappingTable, layout: Optional[Layout
 
 def incomplete(spec: ModelSpec, table: MappingTable, slices: Dict[str, List[SourceSlice]], kinds) -> List[str]:
     """Shadows that do not cover their weight exactly once (decoded elements counted)."""
-    from .. import optim
-
     out = []
     for name, (e, role, _) in sorted(table.canonical_names(spec).items()):
         n = math.prod(e.part_shape(spec, role))
@@ -380,9 +379,7 @@ def decode_dp_zero(spec: ModelSpec, table: MappingTable, layout: Layout, args, f
 def attach(index, info: dict, slices: Dict[str, List[SourceSlice]], kinds) -> dict:
     """Put decoded shadow slices into ``index`` (with their weights' shapes); ``info`` gains the kinds,
     the shadow count and the shadows that do not cover their weight (problems)."""
-    from .. import optim
-
-    import os
+    from ..models import table_for
 
     for name, sl in slices.items():
         index.slices[name] = sl
@@ -393,11 +390,5 @@ def attach(index, info: dict, slices: Dict[str, List[SourceSlice]], kinds) -> di
                 index.files[s.stored.file] = os.path.getsize(os.path.join(index.root, s.stored.file))
     info["kinds"] = sorted(kinds)
     info["tensors"] = len(slices)
-    info["problems"] = info["problems"] + incomplete(index.spec, _table(index.spec), slices, kinds)
+    info["problems"] = info["problems"] + incomplete(index.spec, table_for(index.spec), slices, kinds)
     return info
-
-
-def _table(spec: ModelSpec) -> MappingTable:
-    from ..models import table_for
-
-    return table_for(spec)

@@ -611,8 +611,6 @@ def optimizer_targets(ctx, dp: Optional[int]):
     flat fp32 buffers (one per model chunk and kind) hold each parameter's local shard where Megatron-core's
     layout for the target puts it (reshard/formats/dist_opt.py). Returns the per-parameter target tensors
     (their bytes are written into the buffers in layout order) and ``{(file, chunk): BufferLayout}``."""
-    from .. import optim
-
     spec, layout, table, opt = ctx.spec, ctx.layout, ctx.table, ctx.optimizer
     impl, args = ctx.cfg.target.transformer_impl, opt.get("args")
     out, buffers = [], {}
@@ -637,8 +635,6 @@ def non_distributed_targets(ctx) -> Tuple[List[TargetTensor], Dict[int, List[int
     """The non-distributed optimizer's state at the target layout, in each rank file's ``optimizer`` entry:
     per parameter (ids in param-group order, :func:`param_groups_members`) its Adam moments and, for
     Float16Optimizer, its fp32 master weight (``fp32_param``). Also returns each stage's group sizes."""
-    from .. import optim
-
     spec, layout, table, opt = ctx.spec, ctx.layout, ctx.table, ctx.optimizer
     out, sizes = [], {}
     for pp in range(layout.pp):
