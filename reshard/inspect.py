@@ -64,7 +64,8 @@ def optimizer_summary(index) -> dict:
     return {"form": o["sharding"], "kinds": o["kinds"], "tensors": len(names),
             "bytes": sum(s.stored.dtype.itemsize * math.prod(s.size) for n in names for s in index.slices[n]),
             "param_groups": len(groups), "step": steps[0] if len(steps) == 1 else steps or None,
-            "scheduler": o.get("scheduler") is not None, "problems": list(o["problems"])}
+            "scheduler": o.get("scheduler") is not None, "problems": list(o["problems"]),
+            "warnings": list(o.get("warnings", ()))}
 
 
 def format_text(info: dict) -> str:
@@ -116,6 +117,7 @@ def format_text(info: dict) -> str:
                      f"step {o['step']}, scheduler state {'yes' if o['scheduler'] else 'no'}; "
                      + ("carried to torch_dist / megatron_legacy by optimizer=auto|keep" if not o["problems"] else
                         "NOT carried (optimizer=drop converts the weights only): " + "; ".join(o["problems"][:3])))
+        lines += [f"  WARNING: {w}" for w in o["warnings"]]
     nc = dict(info.get("not_carried") or {})
     if o and not o["problems"]:  # named on its own line above
         for kind in ("optimizer state", "distributed optimizer state"):

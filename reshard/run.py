@@ -167,6 +167,8 @@ def resolve(cfg, world: int) -> Job:
     if opt is not None:
         log.info("optimizer state carried: %s (%d tensors, %s), iteration %s", ", ".join(opt["kinds"]),
                  opt["tensors"], opt["sharding"], cfg.target.iteration)
+        for w in opt.get("warnings", ()):
+            log.warning("optimizer state: %s", w)
     check_source(index, table, spec)
     check_target(tgt, src, cfg.overwrite)
     cast = getattr(torch, cfg.target.dtype) if cfg.target.dtype else None

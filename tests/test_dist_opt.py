@@ -3,6 +3,7 @@
 a shared embedding's own bucket) and the boxes a flat run of a parameter is read in. The referee tests
 (test_optimizer.py) check the same layout against buffers Megatron-core wrote."""
 
+import dataclasses
 import math
 from argparse import Namespace
 
@@ -79,3 +80,19 @@ def test_boxes_cover_a_flat_run_exactly_with_contiguous_blocks(shape):
             want = torch.zeros(n, dtype=torch.int)
             want[lo:hi] = 1
             assert torch.equal(seen, want), (shape, lo, hi)
+
+
+def test_a_run_exposed_to_megatrons_fully_reshardable_bug_is_named():
+    """megatron-core before Megatron-LM 32a03b77 saved fully_reshardable state shifted after a padded bucket end
+    (FORMATS.md §8): a run with several buckets per buffer is warned about, a one-bucket run is not."""
+    from reshard.formats.dist_opt import fully_reshardable_risk
+    from reshard.layout import Layout
+    from reshard.models import table_for
+    from reshard.synthetic import load_preset
+
+    spec = dataclasses.replace(load_preset("tiny_llama3"), vocab_size=250)
+    table, layout = table_for(spec), Layout(tp=2, pp=2)
+    args = Namespace(overlap_grad_reduce=True, ddp_bucket_size=5000, data_parallel_size=2, transformer_impl="local")
+    risk = fully_reshardable_risk(spec, table, layout, args)
+    assert risk and "buckets in a buffer (stage 0)" in risk and "PR #5077" in risk
+    assert fully_reshardable_risk(spec, table, layout, Namespace(overlap_grad_reduce=False, data_parallel_size=2)) is None

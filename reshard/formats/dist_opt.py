@@ -392,3 +392,31 @@ def attach(index, info: dict, slices: Dict[str, List[SourceSlice]], kinds) -> di
     info["tensors"] = len(slices)
     info["problems"] = info["problems"] + incomplete(index.spec, table_for(index.spec), slices, kinds)
     return info
+
+
+def fully_reshardable_risk(spec: ModelSpec, table: MappingTable, layout: Optional[Layout], args) -> Optional[str]:
+    """Whether Megatron-core's fully_reshardable save could have corrupted this run's state (FORMATS.md §8):
+    before Megatron-LM 32a03b77 (PR #5077) it sliced the padding-stripped buffers with offsets that include the
+    bucket-end padding, so every parameter after a padded bucket end was saved shifted. Only a run with more
+    than one bucket in a buffer is exposed; the writer's version is not recorded, so this is a warning."""
+    from . import megatron as mg
+
+    if layout is None or args is None or spec.is_moe or spec.mla or spec.is_encoder:
+        return None
+    cp = int(mg._get(args, "context_parallel_size", default=1) or 1)
+    dp = mg._get(args, "data_parallel_size")
+    if dp is None and mg._get(args, "world_size") is not None:
+        dp = int(mg._get(args, "world_size")) // (layout.tp * layout.pp * cp)
+    impl = str(mg._get(args, "transformer_impl", default="transformer_engine"))
+    div = math.lcm(int(dp or 1), 128)
+    for pp in range(layout.pp):
+        for v in range(layout.vp):
+            buf = layout_buffer(chunk_params(spec, layout, table, pp, v, impl), bucket_size(args, dp or 1, pp, v))
+            padded = [n for n in buf.unpadded[:-1] if n % div]
+            if padded:
+                return (f"the run's distributed optimizer had {len(buf.unpadded)} buckets in a buffer (stage {pp}), "
+                        f"{len(padded)} of them padded at the end: megatron-core before Megatron-LM 32a03b77 "
+                        "(PR #5077) saved fully_reshardable state shifted for every parameter after such a bucket "
+                        "(it logged 'param range exceeds unpadded buffer'); if this checkpoint was written by such a "
+                        "version, its optimizer state is corrupt - re-save it as dp_reshardable, which reshard reads")
+    return None

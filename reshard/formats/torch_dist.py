@@ -224,6 +224,9 @@ def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[
     index.vocab_rows = _vocab_rows(md)
     if opt_keys or opt["problems"]:
         index.optimizer = _optimizer_info(opt, opt_keys, common, index)
+        if "param" in index.optimizer["kinds"] and "reshard" not in common:  # Megatron's own distributed save
+            risk = dist_opt.fully_reshardable_risk(spec, table, index.source_layout, common.get("args"))
+            index.optimizer["warnings"] = [risk] if risk else []
     elif any(dist_opt.parse_dp_key(k) for k in md.state_dict_metadata):
         index.optimizer = _dp_reshardable(ckpt, root, md, storage, spec, table, common, index)
     return index
