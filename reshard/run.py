@@ -493,9 +493,10 @@ def _convert(cfg) -> dict:
                         "ranks; resume with Megatron-LM's --no-load-rng, which then seeds from --seed)",
                         not_carried_text(nc))
         else:
-            log.warning("not carried: the source also holds %s; the output will not have them (a training run "
-                        "resumed from it starts a new optimizer; optimizer=%s: this version carries Megatron-core's "
-                        "distributed optimizer state to torch_dist)", not_carried_text(nc), cfg.optimizer)
+            log.warning("not carried: the source also holds %s; the output will not have them (optimizer=%s, "
+                        "target.format=%s: a training run resumed from it starts a new optimizer; the optimizer "
+                        "state is carried Megatron -> Megatron, torch_dist or megatron_legacy)",
+                        not_carried_text(nc), cfg.optimizer, cfg.target.format)
     if cfg.dry_run:
         from . import dryrun
 
