@@ -143,6 +143,18 @@ def bucket_size(args, dp: int, pp_rank: int, chunk: int) -> Optional[int]:
     return int(size) if size is not None else max(40000000, 1000000 * dp)
 
 
+def run_dp_size(args, layout: Layout) -> Optional[int]:
+    """The data-parallel size a run trained with: its args' ``data_parallel_size``, else ``world_size`` over
+    TP x PP x CP; None when the args record neither."""
+    from . import megatron as mg
+
+    dp = mg._get(args, "data_parallel_size")
+    if dp is None and mg._get(args, "world_size") is not None:
+        cp = int(mg._get(args, "context_parallel_size", default=1) or 1)
+        dp = int(mg._get(args, "world_size")) // (layout.tp * layout.pp * cp)
+    return dp
+
+
 def chunk_params(spec: ModelSpec, layout: Layout, table: MappingTable, pp: int, v: int, impl: str,
                  vocab_rows: Optional[int] = None) -> List[Param]:
     """The parameters of model chunk ``v`` of pipeline stage ``pp`` (any TP rank: they have the same
@@ -224,20 +236,28 @@ def param_slices(param: Param, placements: List[Placement], spans, canonical_of)
     return out
 
 
+def read_placements(p: Param, spec: ModelSpec, layout: Layout, t: int, vocab_rows: Optional[int]):
+    """The canonical rectangles TP rank ``t``'s local tensor of ``p`` holds (vocab padding rows left out), or
+    None when its state is not read from this rank: a replicated parameter is read from TP rank 0, the tied
+    output copy of the last stage (equal to the embedding's) not at all."""
+    from . import megatron as mg
+
+    if (p.entry.tp_rule == "replicated" and t != 0) or (spec.tie_word_embeddings and p.name == "output_layer.weight"):
+        return None
+    rows = vocab_rows if p.entry.tp_rule == "vocab" else None
+    return mg.local_placements(p.entry, spec, layout, t, p.layer, reading=True, rows=rows)
+
+
 def shadow_slices(spec: ModelSpec, layout: Layout, t: int, buf: BufferLayout, kinds, spans_of,
                   vocab_rows: Optional[int], out: Dict[str, List[SourceSlice]]) -> None:
     """Add the shadow slices of TP rank ``t``'s buffer ``buf`` to ``out``. ``spans_of(kind, bucket, lo, hi)``:
-    where elements ``[lo, hi)`` of a bucket are stored, as ``[(lo, hi, file, byte offset of lo, dtype, key)]``.
-    Replicated parameters are read from TP rank 0's buffer; the tied output copy of the last stage (it
-    equals the embedding's) is not read."""
-    from . import megatron as mg
-
+    where elements ``[lo, hi)`` of a bucket are stored, as ``[(lo, hi, file, byte offset of lo, dtype, key)]``
+    (which parameters are read here: :func:`read_placements`)."""
     for p in buf.params:
-        if (p.entry.tp_rule == "replicated" and t != 0) or (spec.tie_word_embeddings and p.name == "output_layer.weight"):
+        pls = read_placements(p, spec, layout, t, vocab_rows)
+        if pls is None:
             continue
         b, s, e = buf.ranges[p.name]
-        rows = vocab_rows if p.entry.tp_rule == "vocab" else None
-        pls = mg.local_placements(p.entry, spec, layout, t, p.layer, reading=True, rows=rows)
         for kind in kinds:
             spans = [(lo - s, hi - s, f, off, dt, key) for lo, hi, f, off, dt, key in spans_of(kind, b, s, e)]
             if sum(hi - lo for lo, hi, *_ in spans) != p.numel:
@@ -327,11 +347,7 @@ def decode_dp_zero(spec: ModelSpec, table: MappingTable, layout: Layout, args, f
     check_decodable(spec, layout, where)
     impl = str(mg._get(args, "transformer_impl", default="transformer_engine"))
     vocab_rows = mg._get(args, "padded_vocab_size")
-    tp, pp = layout.tp, layout.pp
-    cp = int(mg._get(args, "context_parallel_size", default=1) or 1)
-    dp = mg._get(args, "data_parallel_size")
-    if dp is None and mg._get(args, "world_size") is not None:
-        dp = int(mg._get(args, "world_size")) // (tp * pp * cp)
+    dp = run_dp_size(args, layout)
     out: Dict[str, List[SourceSlice]] = {}
     kinds = None
     for (t, p), (rel, tree, size) in sorted(files.items()):
@@ -403,10 +419,7 @@ def fully_reshardable_risk(spec: ModelSpec, table: MappingTable, layout: Optiona
 
     if layout is None or args is None or spec.is_moe or spec.mla or spec.is_encoder:
         return None
-    cp = int(mg._get(args, "context_parallel_size", default=1) or 1)
-    dp = mg._get(args, "data_parallel_size")
-    if dp is None and mg._get(args, "world_size") is not None:
-        dp = int(mg._get(args, "world_size")) // (layout.tp * layout.pp * cp)
+    dp = run_dp_size(args, layout)
     impl = str(mg._get(args, "transformer_impl", default="transformer_engine"))
     div = math.lcm(int(dp or 1), 128)
     for pp in range(layout.pp):

@@ -37,7 +37,6 @@ from . import megatron as mg
 from . import torch_dist as td
 from .base import RawReader, SourceIndex, SourceSlice
 from .dcp_metadata import BytesStorageMetadata
-from .torchzip import parse_record
 
 NAME = "fsdp_dtensor"
 ITERATIONS = True
@@ -135,25 +134,12 @@ def shape(k: Key, spec: ModelSpec, layout: Layout) -> Tuple[int, ...]:
 
 # ------------------------------------------------------------------------- reading
 
-def _read_object(ckpt: str, storage, key: str):
-    info = storage[(key, ())]
-    path = os.path.join(ckpt, info.relative_path)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise SourceError(f"{path} is named by .metadata but does not exist (incomplete copy?)") from None
-    try:
-        return parse_record(fd, info.offset, info.length, f"{path} ({key})")
-    finally:
-        os.close(fd)
-
-
 def read_common(ckpt: str, md, storage) -> dict:
     present = [k for k in OBJECTS if k in md.state_dict_metadata]
     if "args" not in present and "reshard" not in present:
         raise SourceError(f"{ckpt}: neither 'args' nor a reshard record among the checkpoint's objects: "
                           "cannot tell the architecture")
-    return {k: _read_object(ckpt, storage, k) for k in present}
+    return {k: td.read_record(ckpt, storage, k) for k in present}
 
 
 def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[int] = None) -> SourceIndex:

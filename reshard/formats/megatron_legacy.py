@@ -34,7 +34,7 @@ from . import dist_opt
 from . import megatron as mg
 from .base import TRANSPOSE, RawReader, SourceIndex, SourceSlice, StoredTensor
 from .target import TorchSaveTarget
-from .torchzip import TensorRef, parse_file, stored_tensors
+from .torchzip import TensorRef, parse_file, read_scalar, stored_tensors
 
 NAME = "megatron_legacy"
 ITERATIONS = True
@@ -316,12 +316,10 @@ def _non_distributed(index: SourceIndex, ckpt: str, root: str, table: MappingTab
                         raise SourceError(f"{where}: the {kind} of parameter {pid} ({p.name}) is "
                                           f"{getattr(ref, 'shape', ref)}, the parameter {p.shape}")
                 if isinstance(st.get("step"), TensorRef):
-                    steps.add(_scalar(where, st["step"]))
-                if (p.entry.tp_rule == "replicated" and t != 0) or (spec.tie_word_embeddings and
-                                                                   p.name == "output_layer.weight"):
-                    continue  # read from TP rank 0; the tied copy equals the embedding's
-                pls = mg.local_placements(p.entry, spec, layout, t, p.layer, reading=True,
-                                          rows=rows if p.entry.tp_rule == "vocab" else None)
+                    steps.add(read_scalar(where, st["step"]))
+                pls = dist_opt.read_placements(p, spec, layout, t, rows)
+                if pls is None:
+                    continue
                 for kind, ref in refs.items():
                     stored = StoredTensor(rel, f"optimizer/{pid}/{kind}", tuple(ref.shape), ref.dtype, ref.offset)
                     for pl in pls:
@@ -330,13 +328,6 @@ def _non_distributed(index: SourceIndex, ckpt: str, root: str, table: MappingTab
     if len(steps) > 1:
         raise SourceError(f"{ckpt}: the parameters' Adam steps differ ({sorted(steps)})")
     return out, (steps.pop() if steps else None)
-
-
-def _scalar(path: str, ref: TensorRef) -> float:
-    with open(path, "rb") as f:
-        f.seek(ref.offset)
-        data = f.read(ref.dtype.itemsize)
-    return float(torch.frombuffer(bytearray(data), dtype=ref.dtype)[0])
 
 
 def _parse_dist_opt(path: str):
@@ -606,6 +597,13 @@ def buffer_dtypes(opt: dict, param_dtype: torch.dtype) -> tuple:
     return (param_dtype, torch.float32 if fp32 or param_dtype == torch.float32 else param_dtype)
 
 
+def shadow_placements(p, kind: str, spec: ModelSpec, layout: Layout, t: int) -> list:
+    """Where TP rank ``t``'s local tensor of parameter ``p`` takes its ``kind`` of optimizer state from: the
+    weight's own placements, over the weight's shadows."""
+    return [dataclasses.replace(x, canonical=optim.shadow(kind, x.canonical))
+            for x in mg.local_placements(p.entry, spec, layout, t, p.layer)]
+
+
 def optimizer_targets(ctx, dp: Optional[int]):
     """The distributed optimizer's state at the target layout: per TP x PP rank one ``distrib_optim.pt`` whose
     flat fp32 buffers (one per model chunk and kind) hold each parameter's local shard where Megatron-core's
@@ -623,8 +621,7 @@ def optimizer_targets(ctx, dp: Optional[int]):
                 buffers[(file, v)] = buf
                 for kind in opt["kinds"]:
                     for p in params:
-                        pls = [dataclasses.replace(x, canonical=optim.shadow(kind, x.canonical))
-                               for x in mg.local_placements(p.entry, spec, layout, t, p.layer)]
+                        pls = shadow_placements(p, kind, spec, layout, t)
                         name = f"{v}/{kind}/{p.name}"
                         out.append(TargetTensor(f"{file}::{name}", p.shape, torch.float32, pls, rule=p.entry.tp_rule,
                                                 file=file, name=name))
@@ -648,8 +645,7 @@ def non_distributed_targets(ctx) -> Tuple[List[TargetTensor], Dict[int, List[int
             for members in groups:
                 for p in members:
                     for kind in opt["kinds"]:
-                        pls = [dataclasses.replace(x, canonical=optim.shadow(kind, x.canonical))
-                               for x in mg.local_placements(p.entry, spec, layout, t, p.layer)]
+                        pls = shadow_placements(p, kind, spec, layout, t)
                         name = f"optimizer/{kind}/{pid}"
                         out.append(TargetTensor(f"{file}::{name}", p.shape, torch.float32, pls, rule=p.entry.tp_rule,
                                                 file=file, name=name))

@@ -38,7 +38,7 @@ from . import megatron as mg
 from .base import RawReader, SourceIndex, SourceSlice, StoredTensor
 from .dcp_metadata import BytesStorageMetadata
 from .target import Target as _Target
-from .torchzip import TensorRef, parse_file, parse_record, restricted_loads
+from .torchzip import TensorRef, parse_file, parse_record, read_scalar, restricted_loads
 
 NAME = "torch_dist"
 ITERATIONS = True
@@ -122,8 +122,8 @@ def _parse_file_chunks(ckpt: str, file: str, wanted: List[tuple]):
         os.close(fd)
 
 
-def read_object(ckpt: str, storage, key: str):
-    """A DCP byte entry (Megatron's ShardedObject: ``<key>/shard_0_1``), parsed without running code."""
+def read_record(ckpt: str, storage, key: str):
+    """A DCP byte entry as it was saved, parsed without running code."""
     info = storage[(key, ())]
     path = os.path.join(ckpt, info.relative_path)
     try:
@@ -131,10 +131,22 @@ def read_object(ckpt: str, storage, key: str):
     except FileNotFoundError:
         raise SourceError(f"{path} is named by .metadata but does not exist (incomplete copy?)") from None
     try:
-        obj = parse_record(fd, info.offset, info.length, f"{path} ({key})")
+        return parse_record(fd, info.offset, info.length, f"{path} ({key})")
     finally:
         os.close(fd)
+
+
+def read_object(ckpt: str, storage, key: str):
+    """A Megatron ShardedObject (``<key>/shard_0_1``, saved as ``[object]``)."""
+    obj = read_record(ckpt, storage, key)
     return obj[0] if isinstance(obj, list) and obj else obj
+
+
+def common_file(ckpt: str, md, storage) -> str:
+    """The file whose records hold the common state (its tensors, e.g. a ``common_step``, are read from it)."""
+    if COMMON_KEY in md.state_dict_metadata:
+        return os.path.join(ckpt, storage[(COMMON_KEY, ())].relative_path)
+    return os.path.join(ckpt, "common.pt")
 
 
 def read_common(ckpt: str, md, storage) -> dict:
@@ -223,7 +235,7 @@ def read_index(root: str, iteration: Optional[int] = None, vocab_size: Optional[
     index.source_layout = mg.layout_of_common(common, spec) if "args" in common or "reshard" in common else None
     index.vocab_rows = _vocab_rows(md)
     if opt_keys or opt["problems"]:
-        index.optimizer = _optimizer_info(opt, opt_keys, common, index)
+        index.optimizer = _optimizer_info(opt, opt_keys, common, index, common_file(ckpt, md, storage))
         if "param" in index.optimizer["kinds"] and "reshard" not in common:  # Megatron's own distributed save
             risk = dist_opt.fully_reshardable_risk(spec, table, index.source_layout, common.get("args"))
             index.optimizer["warnings"] = [risk] if risk else []
@@ -238,18 +250,20 @@ def _dp_reshardable(ckpt: str, root: str, md, storage, spec: ModelSpec, table: M
     shadow slices (reshard/formats/dist_opt.py); what cannot be decoded is a problem (an error only when
     the state is to be kept)."""
     buckets: Dict[tuple, Dict[str, tuple]] = defaultdict(dict)  # (mp rank, gbuf, bucket) -> kind -> (key, meta)
+    dtypes = set()  # "(torch.float32, torch.float32)": the buffers' (param dtype, grad dtype)
     for key, meta in md.state_dict_metadata.items():
         k = dist_opt.parse_dp_key(key)
         if k is not None:
             buckets[(k[0], k[1], k[3])][k[4]] = (key, meta)
+            dtypes.add(k[2])
     kinds = sorted({kind for b in buckets.values() for kind in b})
-    dtypes = {k[2] for k in map(dist_opt.parse_dp_key, md.state_dict_metadata) if k}
     grad = next(iter(dtypes)).strip("()").split(",")[-1].strip() if len(dtypes) == 1 else ""
-    info = {"kinds": kinds, "sharding": "dp_reshardable", "grad_dtype": getattr(torch, grad[6:], None), "state": None, "problems": [], "tensors": 0,
-            "scheduler": common.get("opt_param_scheduler"), "args": common.get("args")}
+    info = {"kinds": kinds, "sharding": "dp_reshardable", "grad_dtype": getattr(torch, grad[len("torch."):], None),
+            "state": None, "problems": [], "tensors": 0, "scheduler": common.get("opt_param_scheduler"),
+            "args": common.get("args")}
     try:
         slices = dist_opt.decode_buckets(
-            spec, table, index.source_layout, buckets, _impl_of(common), _vocab_rows(md),
+            spec, table, index.source_layout, buckets, _impl_of(common), index.vocab_rows,
             lambda pairs: _chunk_records(ckpt, [_Key(k, [], [], False, m) for k, m in pairs], storage),
             lambda key, ch, records: chunk_tensor(ckpt, root, key, ch, records), ckpt)
     except SourceError as e:
@@ -292,7 +306,7 @@ def _optimizer_keys(opt: dict, spec: ModelSpec, table: MappingTable) -> List[_Ke
     return out
 
 
-def _optimizer_info(opt: dict, opt_keys: List[_Key], common: dict, index: SourceIndex) -> dict:
+def _optimizer_info(opt: dict, opt_keys: List[_Key], common: dict, index: SourceIndex, common_path: str) -> dict:
     meta = common.get("content_metadata") if isinstance(common, dict) else None
     sharding = (meta or {}).get("distrib_optim_sharding_type") or "fully_reshardable"
     state = common.get("optimizer") if isinstance(common, dict) else None
@@ -306,29 +320,13 @@ def _optimizer_info(opt: dict, opt_keys: List[_Key], common: dict, index: Source
         inner = state.get("optimizer", state) if "fp32_param" in kinds else state  # Float16Optimizer nests it
         ref = (inner.get("state") or {}).get("common_step")
         if isinstance(ref, TensorRef):  # a scalar in the common state's record
-            step = _scalar_at(_common_path(index), ref)
+            step = read_scalar(common_path, ref)
         groups = [{k: v for k, v in g.items() if k != "params"} for g in inner.get("param_groups", [])]
         state = {"param_groups": groups, **({"grad_scaler": state["grad_scaler"]} if "grad_scaler" in state else {})}
     return {"kinds": kinds, "sharding": sharding, "state": state, "problems": opt["problems"], "tensors": len(names),
             "step": step,
             "scheduler": common.get("opt_param_scheduler") if isinstance(common, dict) else None,
             "args": common.get("args") if isinstance(common, dict) else None}
-
-
-def _common_path(index: SourceIndex) -> str:
-    ckpt = os.path.join(index.root, mg.iteration_dirname(index.iteration)) if index.iteration is not None else None
-    for c in (ckpt, os.path.join(index.root, "release"), index.root):
-        if c and os.path.isfile(os.path.join(c, ".metadata")):
-            _, storage = read_metadata(c)
-            return os.path.join(c, storage[(COMMON_KEY, ())].relative_path)
-    raise SourceError(f"{index.root}: no common state")
-
-
-def _scalar_at(path: str, ref: TensorRef) -> float:
-    with open(path, "rb") as f:
-        f.seek(ref.offset)
-        data = f.read(ref.dtype.itemsize)
-    return float(torch.frombuffer(bytearray(data), dtype=ref.dtype)[0])
 
 
 def chunk_tensor(ckpt: str, root: str, key: str, ch, where) -> StoredTensor:
@@ -691,19 +689,19 @@ class Target(_Target):
     def common(self, dtype: torch.dtype) -> dict:
         common = super().common(dtype)
         opt = self.ctx.optimizer
-        if opt and opt["sharding"] == optim.NON_DISTRIBUTED:  # as FP32 / Float16Optimizer.sharded_state_dict saves it
+        if not opt:
+            return common
+        mg.carry_training_state(common, opt, self.ctx.cfg.parallel.target_dp)
+        common["content_metadata"] = {"distrib_optim_sharding_type": "fully_reshardable"}
+        if opt["sharding"] == optim.NON_DISTRIBUTED:  # as FP32 / Float16Optimizer.sharded_state_dict saves it
             inner = {"param_groups": (opt["state"] or {}).get("param_groups", []),
                      "state": {"common_step": torch.tensor(float(opt["step"] or 0))}}
             if "fp32_param" in opt["kinds"]:  # Float16Optimizer: Adam's state under 'optimizer', its masters sharded
                 inner = {"optimizer": inner, **{k: v for k, v in opt["state"].items() if k == "grad_scaler"}}
             common["optimizer"] = inner
-            common["content_metadata"] = {"distrib_optim_sharding_type": "fully_reshardable"}
-            mg.carry_training_state(common, opt, self.ctx.cfg.parallel.target_dp)
             common["args"].use_distributed_optimizer = False
-        elif opt:  # the optimizer's non-tensor state (param groups with their step) and its sharding type
+        else:  # the distributed optimizer's param groups (with their step) and its sharding type
             common["optimizer"] = dict(opt["state"] or {}, param_state_sharding_type="fully_reshardable")
-            common["content_metadata"] = {"distrib_optim_sharding_type": "fully_reshardable"}
-            mg.carry_training_state(common, opt, self.ctx.cfg.parallel.target_dp)
         return common
 
     def writers(self, tensors, world):

@@ -301,6 +301,14 @@ def _place(obj, offsets):
     return obj
 
 
+def read_scalar(path: str, ref: TensorRef) -> float:
+    """The value of a one-element tensor of a torch.save file (an Adam ``step``), from its bytes alone."""
+    with open(path, "rb") as f:
+        f.seek(ref.offset)
+        data = f.read(ref.dtype.itemsize)
+    return float(torch.frombuffer(bytearray(data), dtype=ref.dtype)[0])
+
+
 def parse_file(path: str) -> Any:
     try:
         fd = os.open(path, os.O_RDONLY)
